@@ -14,6 +14,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,9 @@ def groupnorm(c, eps=1e-5):
 
 def unet_block(cin, cout, emb, up=False, down=False, attention=False):
     heads = cout // 64 if attention else 0
+    init = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))  # numpy scalars
     m = node("UNetBlock", dict(in_channels=cin, out_channels=cout, emb_channels=emb, up=up, down=down,
-                               attention=attention), in_channels=cin, out_channels=cout, emb_channels=emb,
+                               attention=attention, init=init), in_channels=cin, out_channels=cout, emb_channels=emb,
              num_heads=heads, dropout=0.1, skip_scale=1, adaptive_scale=True)
     m.norm0 = groupnorm(cin)
     m.conv0 = conv(cin, cout, 3, up=up, down=down)
@@ -502,6 +504,14 @@ def test_ddpmpp_and_other_preconditionings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="only EDMPrecond"):
         convert_edm(tmp_path / "vp.pkl", tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_init_kwargs_must_agree_with_tensors(tmp_path):
+    root = edm_precond()
+    root.model._init_kwargs["num_blocks"] = 2
+    write_edm_pickle(tmp_path / "odd.pkl", root)
+    with pytest.raises(ValueError, match="disagree.*num_blocks"):
+        convert_edm(tmp_path / "odd.pkl", tmp_path / "o")
 
 
 def test_mixed_groupnorm_group_counts_are_refused(tmp_path):

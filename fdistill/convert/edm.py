@@ -318,6 +318,9 @@ def adm_unet_config(net: EDMNetwork) -> dict:
         if k.endswith(".qkv.weight") and int(v.shape[1]) % head_dim:
             raise ValueError(f"{net.source}: {k} has {int(v.shape[1])} channels, not a multiple of {head_dim}")
 
+    _check_init_kwargs(net, dict(img_resolution=top, model_channels=noise_ch, num_blocks=num_blocks,
+                                 label_dim=label_dim, in_channels=in_channels), chans, res, attn)
+
     dropout = _attrs_values(net, "UNetBlock", "dropout")
     dropout = float(dropout.pop()) if len(dropout) == 1 else float(net.model_init_kwargs.get("dropout", 0.0))
     down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn]
@@ -332,6 +335,25 @@ def adm_unet_config(net: EDMNetwork) -> dict:
         resnet_time_scale_shift="scale_shift", add_attention=mid_attn, class_embed_type=None,
         num_class_embeds=label_dim or None,
     )
+
+
+def _check_init_kwargs(net: EDMNetwork, inferred: dict, chans: list, res: list, attn: list):
+    """The pickle's recorded constructor arguments must describe the same network as its tensors."""
+    kw = net.model_init_kwargs
+    if not kw:
+        return
+    wrong = [(k, kw[k], v) for k, v in inferred.items() if k in kw and kw[k] != v]
+    if "channel_mult" in kw and "model_channels" in kw and \
+            [kw["model_channels"] * m for m in kw["channel_mult"]] != chans:
+        wrong.append(("channel_mult", kw["channel_mult"], [c // chans[0] for c in chans]))
+    if "attn_resolutions" in kw:
+        # EDM builds no attention where channels // 64 == 0 heads
+        want = [r in kw["attn_resolutions"] and c // ADM_CHANNELS_PER_HEAD > 0 for r, c in zip(res, chans)]
+        if want != attn:
+            wrong.append(("attn_resolutions", kw["attn_resolutions"], [r for r, a in zip(res, attn) if a]))
+    if wrong:
+        raise ValueError(f"{net.source}: recorded constructor arguments disagree with the stored tensors "
+                         f"(name, recorded, found): {wrong}; the checkpoint is inconsistent")
 
 
 # ----------------------------------------------------------------------------------------------------------

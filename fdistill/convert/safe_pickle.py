@@ -175,6 +175,13 @@ def _np_reconstruct(subtype, shape, dtype_code):
     return np.ndarray.__new__(np.ndarray, shape, dtype_code)
 
 
+def _codecs_encode(text, encoding="utf-8"):
+    # Protocol-2 pickles (torch.save) store bytes as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("_codecs.encode is only allowed for latin1-encoded bytes")
+    return text.encode("latin1")
+
+
 class _StorageType:
     """What `torch.FloatStorage` & co. resolve to: only their dtype matters."""
 
@@ -198,6 +205,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "object"): object,  # only meaningful as `base` for _safe_reconstructor
     ("builtins", "dict"): dict,
     ("copyreg", "_reconstructor"): _safe_reconstructor,
+    ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
