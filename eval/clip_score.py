@@ -1,0 +1,10 @@
+"""CLIP score: `python eval/clip_score.py IMAGES --captions FILE --pretrained CKPT [options]`.
+
+Same as `fdistill eval clip`; see docs/eval.md for the COCO-30k protocol.
+"""
+import sys
+
+from fdistill.metrics.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["clip", *sys.argv[1:]]))

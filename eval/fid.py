@@ -1,0 +1,12 @@
+"""FID of generated images against a reference: `python eval/fid.py GEN REF [options]`.
+
+Same as `fdistill eval fid`; also `python eval/fid.py ref DATA --out stats.npz` for reference statistics.
+See docs/eval.md for the papers' protocols.
+"""
+import sys
+
+from fdistill.metrics.cli import main
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    sys.exit(main(argv if argv[:1] == ["ref"] else ["fid", *argv]))
