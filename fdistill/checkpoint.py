@@ -1,0 +1,200 @@
+"""Atomic safetensors checkpoints, rotation, and exact resume of every piece of training state.
+
+A checkpoint is a folder ``ckpt-<generator step>/`` holding
+  <name>.safetensors            one per module (generator, fake_score, discriminator, ema_<decay>, ratio ...)
+  optim_<name>.safetensors      optimizer tensors, flattened (state.<param index>.<key>)
+  optim_<name>.json             optimizer param groups and non-tensor state
+  rng_rank<k>.safetensors/.json every process's RNG states (torch CPU/CUDA, the training generator, numpy, python)
+  meta.json                     counters and the config, written last
+It is written to ``ckpt-<step>.tmp`` and renamed when complete, so a crash leaves either the previous
+checkpoint or the new one, never half of one. No pickle is ever written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def save_module(module: torch.nn.Module, path: Path):
+    sd = module.state_dict()
+    # safetensors refuses tensors sharing memory; clone so tied weights save as copies
+    save_file({k: v.clone() for k, v in _contiguous(sd).items()}, str(path))
+
+
+def load_module(module: torch.nn.Module, path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete or from another "
+                              "configuration; delete the folder to start over or point to another run")
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # corrupt file
+        raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt; remove this checkpoint folder to "
+                              "resume from the previous one") from None
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path.name} does not match the model: missing {list(missing)[:5]}, unexpected "
+                              f"{list(unexpected)[:5]}. Was the run started with a different config?")
+
+
+def _optim_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, rest = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                rest["state"].setdefault(str(idx), {})[k] = v
+    return tensors, rest
+
+
+def save_optimizer(opt, folder: Path, name: str):
+    tensors, rest = _optim_flat(opt)
+    save_file(tensors, str(folder / f"optim_{name}.safetensors"))
+    (folder / f"optim_{name}.json").write_text(json.dumps(rest))
+
+
+def load_optimizer(opt, folder: Path, name: str):
+    try:
+        tensors = load_file(str(folder / f"optim_{name}.safetensors"))
+        rest = json.loads((folder / f"optim_{name}.json").read_text())
+    except Exception as e:
+        raise CheckpointError(f"cannot read optimizer state {name!r} in {folder}: {e}") from None
+    state: dict = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for idx, st in rest["state"].items():
+        state.setdefault(int(idx), {}).update(st)
+    groups = rest["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(train_rng: torch.Generator | None) -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    if train_rng is not None:
+        tensors["train_rng"] = train_rng.get_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict, meta: dict, train_rng: torch.Generator | None):
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    if train_rng is not None and "train_rng" in tensors:
+        train_rng.set_state(tensors["train_rng"])
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (with meta.json), oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(Path(run_dir))
+    return ckpts[-1] if ckpts else None
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """Create the temporary folder of ckpt-<step> (main process). Every process then writes its RNG files."""
+    tmp = Path(run_dir) / f"ckpt-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rng(tmp: Path, rank: int, train_rng: torch.Generator | None):
+    tensors, rmeta = rng_state(train_rng)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng_rank{rank}.safetensors"))
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rmeta))
+
+
+def finish_checkpoint(tmp: Path, modules: dict, optimizers: dict, meta: dict, keep: int = 2) -> Path:
+    """Write the modules, optimizers and meta.json (last), then rename the folder into place and rotate."""
+    for name, m in modules.items():
+        save_module(m, tmp / f"{name}.safetensors")
+    for name, o in optimizers.items():
+        save_optimizer(o, tmp, name)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():  # flush before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(tmp.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizers: dict, meta: dict,
+                    train_rng: torch.Generator | None = None, keep: int = 2) -> Path:
+    """Single-process convenience: begin, write this process's RNG, finish."""
+    tmp = begin_checkpoint(run_dir, step)
+    write_rng(tmp, 0, train_rng)
+    return finish_checkpoint(tmp, modules, optimizers, meta, keep)
+
+
+def load_checkpoint(folder: Path, modules: dict, optimizers: dict, rank: int, world_size: int,
+                    train_rng: torch.Generator | None) -> dict:
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except Exception as e:
+        raise CheckpointError(f"cannot read {folder / 'meta.json'}: {e}") from None
+    if meta.get("world_size", 1) != world_size:
+        raise CheckpointError(f"{folder} was written by {meta.get('world_size')} processes but this run has "
+                              f"{world_size}; resume with the same number of processes (the RNG streams are "
+                              "per process)")
+    for name, m in modules.items():
+        load_module(m, folder / f"{name}.safetensors")
+    for name, o in optimizers.items():
+        load_optimizer(o, folder, name)
+    rpath = folder / f"rng_rank{rank}.safetensors"
+    if rpath.is_file():
+        set_rng_state(load_file(str(rpath)), json.loads((folder / f"rng_rank{rank}.json").read_text()), train_rng)
+    return meta

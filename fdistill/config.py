@@ -1,0 +1,227 @@
+"""Typed configs: dataclasses filled from YAML plus ``key=value`` overrides (dotted keys for nested fields).
+
+Unknown keys and values of the wrong type are errors that name the key (and suggest the closest valid one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .objective import ObjectiveConfig
+from .ratio import RatioConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class OptimConfig:
+    lr_gen: float = 1e-4
+    """Generator learning rate (AdamW; paper: 1e-4 CIFAR-10, 2e-6 ImageNet-64, 1e-5 SD1.5)."""
+    lr_critic: float | None = None
+    """Fake score + discriminator learning rate; None = lr_gen (as in the paper)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    grad_clip: float = 10.0
+    """Gradient-norm clipping of each network (DMD2: 10). 0 disables."""
+    fused: bool = False
+    """torch's fused AdamW kernel (GPU)."""
+
+
+@dataclass
+class ScheduleConfig:
+    critic_per_gen: int = 5
+    """Critic updates per generator update (paper: 5 CIFAR-10 / ImageNet-64, 10 SD1.5)."""
+    scheme: str = "dmd2"
+    """'dmd2': update the critic every iteration and the generator every k-th as well;
+    'fastgen': k-1 critic-only iterations, then one generator-only iteration."""
+
+
+@dataclass
+class NoiseConfig:
+    grid: str = "edm"
+    """'edm' (Karras grid of `num_levels`), 'continuous' (log-uniform), or 'vp' (the teacher's DDPM grid)."""
+    num_levels: int = 1000
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    dm_index_min: int = 20
+    """Distribution-matching noise-level index range (DMD2: [20, 980]; FastGen: [2, 998])."""
+    dm_index_max: int = 980
+    generator_sigma: float | None = None
+    """Where the generator starts; None = the grid's largest sigma."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Write metrics to metrics.jsonl every this many generator steps (values are fetched from the device
+    only then, so the loop has no host-device sync in between)."""
+    sample_every: int = 0
+    """Write a sample grid every this many generator steps (0: only at the end)."""
+    ckpt_every: int = 100
+    """Checkpoint every this many generator steps (and at the end)."""
+    keep_ckpts: int = 2
+    """Checkpoints kept on disk (oldest removed first)."""
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    pipeline: str = "toy2d"
+    """Which task assembles teacher, data and conditioning: toy2d, mnist, imagenet64, coco_t2i, image."""
+    out: str = "runs/default"
+    """Run directory (resumed when it holds a checkpoint)."""
+    divergence: str = "js"
+    """f-divergence by registry name: reverse_kl, forward_kl, js, jeffreys, squared_hellinger, softened_rkl,
+    pearson, neyman, alpha:<a>."""
+    seed: int = 0
+    steps: int = 1000
+    """Generator updates."""
+    batch_size: int = 64
+    """Per-process batch of the generator and the critic (total = batch_size x processes)."""
+    teacher: str | None = None
+    """Teacher: a local path or a hub id (task dependent)."""
+    data: str | None = None
+    """Real data for the GAN term (task dependent)."""
+    prompts: str | None = None
+    """Text-to-image prompts (a COCO captions JSON or a text file with one prompt per line)."""
+    ratio: str = "learned"
+    """Where the weights' r comes from: 'learned' (discriminator) or 'oracle' (toy2d only: exact)."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on GPU, none on CPU), 'no', 'bf16'. fp16 diverges (paper) and is refused."""
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile the trainable networks."""
+    ema: list = field(default_factory=lambda: [0.999])
+    """Generator EMA decays (several allowed; [] for none)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ratio_norm: RatioConfig = field(default_factory=RatioConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    task: dict = field(default_factory=dict)
+    """Task-specific settings; each pipeline checks its own keys."""
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, coerced value) for a value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # yaml reads 1e-4 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return True, list(value)
+        return False, value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a dict, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; valid keys here: {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")
+            continue
+        ok, v = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key {prefix}{key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (dotted keys for nested fields)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        d = data
+        for k in keys[:-1]:
+            if not isinstance(d.get(k, {}), dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            d = d.setdefault(k, {})
+        d[keys[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; configs that ship with fdistill are in configs/ "
+                          "(e.g. configs/toy2d.yaml, configs/mnist.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=DistillConfig):
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return from_dict(cls, data)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,103 @@
+"""Noise levels: grids, samplers and loss weightings (REFERENCE.md section 4).
+
+Everything in the package speaks EDM's variance-exploding form, x_t = x0 + sigma * eps. A schedule knows
+ - the sigmas of the distribution-matching term (``sample_dm``): an index range of a discrete grid
+   (EDM Karras grid, or a DDPM/VP grid mapped to sigma) or a continuous log-uniform range,
+ - the sigmas of the fake-score denoising loss (``sample_denoise``): the whole grid,
+ - sigma_max, where the one-step generator starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def karras_sigmas(n: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM's grid (Karras et al. 2022, eq. 5), returned ascending: sigmas[0] = sigma_min, sigmas[-1] = sigma_max."""
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    inv = sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    return (inv ** rho).flip(0).float()
+
+
+def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """A DDPM/VP grid as VE sigmas: sigma_t = sqrt((1 - abar_t) / abar_t); index t = DDPM timestep."""
+    a = alphas_cumprod.double()
+    return ((1 - a) / a).sqrt().float()
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 = 1/sigma^2 + 1/sigma_data^2."""
+    return 1.0 / sigma ** 2 + 1.0 / sigma_data ** 2
+
+
+@dataclass
+class NoiseSchedule:
+    """A grid of sigmas (ascending) with the index ranges the two losses draw from.
+
+    If ``sigmas`` is None the schedule is continuous: log-uniform in [sigma_min, sigma_max] for both losses
+    (used by the 2-D toy, whose analytic teacher has no grid).
+    """
+
+    sigmas: torch.Tensor | None = None
+    dm_index_range: tuple[int, int] = (20, 980)  # DMD2: index uniform in [20, 980]; FastGen [2, 998]
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    # Where the generator starts; defaults to the largest sigma of the grid.
+    generator_sigma: float | None = None
+
+    def __post_init__(self):
+        if self.sigmas is not None:
+            self.sigmas = torch.as_tensor(self.sigmas, dtype=torch.float32)
+            lo, hi = self.dm_index_range
+            n = len(self.sigmas)
+            if not (0 <= lo <= hi < n):
+                raise ValueError(f"dm_index_range {self.dm_index_range} must lie in [0, {n - 1}] for a grid of {n}")
+            self.sigma_min = float(self.sigmas[0])
+            self.sigma_max = float(self.sigmas[-1])
+        if self.generator_sigma is None:
+            self.generator_sigma = self.sigma_max
+
+    @classmethod
+    def edm(cls, n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dm_index_range=(20, 980)):
+        return cls(karras_sigmas(n, sigma_min, sigma_max, rho), dm_index_range)
+
+    @classmethod
+    def continuous(cls, sigma_min: float, sigma_max: float, generator_sigma: float | None = None):
+        return cls(None, (0, 0), sigma_min, sigma_max, generator_sigma)
+
+    @property
+    def dm_sigma_range(self) -> tuple[float, float]:
+        """The sigma range of the distribution-matching term (bins of the ratio normaliser live here)."""
+        if self.sigmas is None:
+            return self.sigma_min, self.sigma_max
+        lo, hi = self.dm_index_range
+        return float(self.sigmas[lo]), float(self.sigmas[hi])
+
+    def _loguniform(self, n, lo, hi, generator, device):
+        u = torch.rand(n, generator=generator, device=device)
+        return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+
+    def sample_dm(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        """Sigmas for the distribution-matching term and the discriminator."""
+        if self.sigmas is None:
+            return self._loguniform(n, self.sigma_min, self.sigma_max, generator, device)
+        lo, hi = self.dm_index_range
+        idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+        return self.sigmas.to(device)[idx]
+
+    def sample_denoise(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        """Sigmas for the fake score's denoising loss: the whole grid."""
+        if self.sigmas is None:
+            return self._loguniform(n, self.sigma_min, self.sigma_max, generator, device)
+        idx = torch.randint(0, len(self.sigmas), (n,), generator=generator, device=device)
+        return self.sigmas.to(device)[idx]
+
+
+def edm_sampler_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                       rho: float = 7.0) -> torch.Tensor:
+    """The EDM sampler's descending sigma steps followed by 0 (Karras et al. 2022, eq. 5)."""
+    s = karras_sigmas(num_steps, sigma_min, sigma_max, rho).flip(0)
+    return torch.cat([s, torch.zeros(1)])

