@@ -44,6 +44,8 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None, de
         folder = Path(model_name[len("local-dir:"):])
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{folder} has no open_clip_config.json (needed for a local-dir: model)")
+        if not any(any(folder.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")):
+            raise FileNotFoundError(f"{folder} holds no CLIP weights (*.safetensors, *.bin or *.pth)")
         pretrained = None
     elif pretrained is None:
         raise ValueError(
@@ -54,8 +56,13 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None, de
             and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"CLIP checkpoint not found: {pretrained}")
     # require_pretrained: open_clip otherwise returns a randomly initialised model when no weights are found.
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, require_pretrained=True)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, require_pretrained=True)
+    except RuntimeError as e:
+        # open_clip reports a tag it cannot fetch (offline, not cached) as RuntimeError.
+        raise ValueError(f"could not load CLIP {model_name} with pretrained={pretrained!r}: {e}. Offline, pass a "
+                         "local checkpoint file or a local-dir: folder.") from e
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     _CACHE[key] = (model, preprocess, tokenizer)

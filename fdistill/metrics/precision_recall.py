@@ -76,6 +76,7 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk_size: int = 4096,
         raise ValueError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
     real_r = knn_radii(real, k, chunk_size, device, dtype)
     fake_r = knn_radii(fake, k, chunk_size, device, dtype)
-    precision = coverage(fake, real, real_r, chunk_size, device, dtype).float().mean().item()
-    recall = coverage(real, fake, fake_r, chunk_size, device, dtype).float().mean().item()
+    # Exact fractions (count / n), not a float32 mean.
+    precision = coverage(fake, real, real_r, chunk_size, device, dtype).sum().item() / len(fake)
+    recall = coverage(real, fake, fake_r, chunk_size, device, dtype).sum().item() / len(real)
     return {"precision": precision, "recall": recall, "k": k, "num_real": len(real), "num_fake": len(fake)}
