@@ -163,8 +163,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; valid keys here: {sorted(fields)}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; valid keys here: {sorted(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .generator import unwrap
 from .objective import FDistill
 from .ratio import RatioNormalizer
 
+# Tests set this to SIGKILL the process after a given generator step, to check exact resumption.
+_KILL_AT_STEP = int(os.environ.get("FDISTILL_TEST_KILL_AT_STEP", "-1"))
 # Keys of the config that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"steps", "log", "out"}
 
@@ -222,6 +225,8 @@ def distill(cfg: DistillConfig) -> dict:
             task.evaluate(unwrap(generator), run_dir, final=False, step=step)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
+        if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
+            os.kill(os.getpid(), signal.SIGKILL)
     if pbar is not None:
         pbar.close()
     elapsed = time.time() - t0

@@ -304,7 +304,7 @@ def test_cli_ref_then_fid_equals_folder_fid(folders, fid_pair, tmp_path, capsys)
     ref_json = json.loads(capsys.readouterr().out)
     assert ref_json["num_samples"] == 8 and ref_json["mode"] == "clean"
     gen_npz = tmp_path / "gen.npz"
-    np.savez(gen_npz, arr_0=folders["a_arr"])
+    np.savez(gen_npz, arr_0=folders["a_arr"], seeds=np.arange(8))
     out = tmp_path / "res.json"
     assert eval_main(["fid", str(gen_npz), str(stats), "--num", "8", "--device", "cpu", "--quiet",
                       "--batch-size", "8", "--out", str(out), "--save-features", str(tmp_path / "gf.npz")]) == 0
@@ -317,6 +317,7 @@ def test_cli_ref_then_fid_equals_folder_fid(folders, fid_pair, tmp_path, capsys)
     assert res["protocol"]["num_samples"] == 8 and res["protocol"]["mode"] == "clean"
     assert res["ref"]["kind"] == "stats" and res["ref"]["sha256"] == I.sha256_file(stats)
     assert len(res["protocol"]["inception"]["sha256"]) == 64
+    assert res["gen"]["seeds"] == {"count": 8, "first": 0, "last": 7, "are_0_to_n_minus_1": True}
     # Saved features make `eval pr` run without Inception; identical sets -> precision = recall = 1.
     capsys.readouterr()
     assert eval_main(["pr", str(tmp_path / "gf.npz"), str(tmp_path / "gf.npz"), "--num", "all", "--quiet",

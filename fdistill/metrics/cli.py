@@ -158,11 +158,12 @@ def _run_ref(a) -> dict:
 
 
 def _pr_features(source, num, a, device):
-    from .fid import features_of, is_stats_file, load_features_npz, load_stats
+    from .fid import IMAGE_NPZ_KEYS, _npz_keys, features_of, is_stats_file, load_features_npz, load_stats
     s = str(source)
     if s.endswith(".npz") and is_stats_file(s):
         meta = load_stats(s, with_meta=True)[2]
-        if load_features_npz(s) is None:
+        # ADM's reference batches (VIRTUAL_imagenet64_labeled.npz) hold images beside mu/sigma: use the images.
+        if load_features_npz(s) is None and not any(k in _npz_keys(s) for k in IMAGE_NPZ_KEYS):
             raise ValueError(f"{s} holds statistics but no features; precision/recall needs features (make it "
                              "with `fdistill eval ref --keep-features`, or pass the images)")
         if meta.get("mode") and meta["mode"] != a.mode:

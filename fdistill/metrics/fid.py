@@ -410,6 +410,9 @@ def compute_fid(gen, ref, mode: str | None = None, num: int | None = PAPER_NUM_S
     mu_g, sigma_g = stats_from_features(feats)
     fid = fid_from_stats(mu_g, sigma_g, mu_r, sigma_r)
     gen_info = describe_file(gen) if isinstance(gen, (str, os.PathLike)) else {"path": None}
+    seeds = _npz_seeds(gen, len(feats))
+    if seeds is not None:
+        gen_info["seeds"] = seeds
     return {
         "metric": "fid",
         "fid": fid,
@@ -417,6 +420,18 @@ def compute_fid(gen, ref, mode: str | None = None, num: int | None = PAPER_NUM_S
         "gen": gen_info,
         "ref": ref_info,
     }
+
+
+def _npz_seeds(source, num: int) -> dict | None:
+    """Summary of the ``seeds`` an npz of samples records (the papers use seeds 0..N-1), or None."""
+    if not (isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")):
+        return None
+    with np.load(source, allow_pickle=False) as data:
+        if "seeds" not in data:
+            return None
+        seeds = np.asarray(data["seeds"]).reshape(-1)[:num]
+    return {"count": int(len(seeds)), "first": int(seeds[0]), "last": int(seeds[-1]),
+            "are_0_to_n_minus_1": bool(np.array_equal(seeds, np.arange(len(seeds))))}
 
 
 def _protocol(model, mode, num, pre_resize, source) -> dict:

@@ -1,0 +1,263 @@
+"""Typed configs of the LM trainers: one dataclass per method, loadable from YAML with ``key=value`` overrides.
+
+Each field's comment names where its default comes from. Unknown keys are errors that name the key (a typo
+must not silently train with a default). This loader is local to ``fdistill.lm`` on purpose, so the LM part
+stays independent of the diffusion side's config machinery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LMBaseConfig:
+    out: str = "runs/lm/run"
+    """Run directory: resolved config, metrics.jsonl, checkpoints (``save_pretrained`` folders)."""
+    model: str = "toy"
+    """Policy initialisation: a local folder or hub id for ``AutoModelForCausalLM``; ``toy`` is the embedded
+    digit-sum GPT-2 (fdistill.lm.toy), pretrained on first use."""
+    ref_model: Optional[str] = None
+    """Reference pi_ref; defaults to ``model`` (all four papers regularise toward the initial policy)."""
+    ref_dtype: str = "float32"
+    """dtype of frozen models (``bfloat16`` halves their memory; trainable weights stay fp32)."""
+    seed: int = 0
+    steps: int = 200
+    """Optimizer updates."""
+    batch_size: int = 32
+    lr: float = 5e-4
+    """AdamW learning rate. LM-scale runs use ~5e-7 (DPO, f-DPO) to 1e-6 (RLVR); the toy model needs more."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    log_every: int = 10
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only the final one)."""
+    max_new_tokens: int = 5
+    """Sampling length limit (methods that sample; evaluation)."""
+    eval_samples: int = 32
+    """Samples per prompt for the final evaluation (reward, distinct answers, entropy, pass@k)."""
+    eval_k: int = 8
+    """k of the pass@k reported by the evaluation."""
+    eval_prompts: str = "auto"
+    """Prompts of the final evaluation: ``auto`` (the toy prompts when model is ``toy`` or a toy folder, else
+    none), a prompt file, or empty for no evaluation."""
+    eval_verifier: str = "fdistill.lm.toy:verify"
+    """``module:function`` giving the evaluation reward fn(prompt, response)."""
+    threads: int = 0
+    """torch CPU threads (0: leave torch's default). Tiny models run fastest with 1 on a busy machine."""
+
+
+@dataclass
+class DPOConfig(LMBaseConfig):
+    out: str = "runs/lm/dpo"
+    data: str = "toy"
+    """JSONL of {prompt, chosen, rejected}; ``toy`` writes toy-language pairs (correct vs wrong answer)."""
+    toy_pairs: int = 2000
+    """Number of pairs generated when ``data: toy``."""
+    beta: float = 0.1
+    """Strength of the divergence constraint (DPO / f-DPO beta; Rafailov et al. 2023, Wang et al. 2023)."""
+    divergence: str = "reverse_kl"
+    """f-DPO's divergence (Wang et al. 2023): any registry name; reverse_kl is DPO. Names are semantic:
+    forward_kl = KL(pi_ref || pi), js, alpha:a with the paper's a."""
+    precompute_ref_logps: bool = False
+    """Score the whole dataset with the reference once before training and free the reference model."""
+    max_length: int = 512
+    """Prompt + response tokens kept per sequence (responses are truncated from the end)."""
+    lr: float = 1e-3
+
+
+@dataclass
+class TDPOConfig(LMBaseConfig):
+    out: str = "runs/lm/tdpo"
+    data: str = "toy"
+    """JSONL of {prompt, chosen, rejected}; ``toy`` as for dpo."""
+    toy_pairs: int = 2000
+    beta: float = 0.1
+    """TDPO's beta (Zeng et al. 2024, default 0.1)."""
+    alpha: float = 0.5
+    """TDPO2's weight on the sequential-KL gap (Zeng et al. 2024, default 0.5)."""
+    variant: int = 2
+    """1 = TDPO1, 2 = TDPO2 (the paper's recommended variant)."""
+    max_length: int = 512
+    lr: float = 1e-3
+
+
+@dataclass
+class FDPGConfig(LMBaseConfig):
+    out: str = "runs/lm/fdpg"
+    prompts: str = "toy"
+    """Prompt set: a text file (one prompt per line), a JSONL with a ``prompt`` field, or ``toy``. An empty
+    string means unconditional generation."""
+    target: str = "gdc"
+    """Energy-based target P(x) (Go et al. 2023): ``gdc`` = a(x) b(x) with b = the scorer (>= 0, e.g. a 0/1
+    constraint); ``rlhf`` = a(x) exp(r(x) / beta) with r = the scorer. a = the reference model."""
+    scorer: str = "fdistill.lm.toy:verify"
+    """``module:function`` called as fn(prompt, response) -> float."""
+    beta: float = 0.1
+    """Temperature of the RLHF target a(x) exp(r(x)/beta)."""
+    divergence: str = "js"
+    """D_f(pi_theta || p) to minimise; js is the authors' default and recommended balance."""
+    samples_per_prompt: int = 8
+    prompts_per_step: int = 8
+    baseline_window: int = 1024
+    """Moving-average baseline window in samples (Go et al. 2023)."""
+    max_log_ratio: float = 20.0
+    """|log pi/p| clamp: where b(x) = 0 the ratio is infinite; this bounds the pseudo-reward of such samples."""
+    lr: float = 1e-3
+
+
+@dataclass
+class DPHConfig(LMBaseConfig):
+    out: str = "runs/lm/dph"
+    prompts: str = "toy"
+    """Prompt set (text file, JSONL with ``prompt`` and optional ``answer``, or ``toy``)."""
+    verifier: str = "fdistill.lm.toy:verify"
+    """``module:function`` called as fn(prompt, response) -> reward in [0, 1]."""
+    divergence: str = "forward_kl"
+    """DPH-RL's divergence on near-perfect prompts (Li et al. 2025): forward_kl (k3), js, alpha:a
+    (a = 0.2 in the paper), any registry name; ``none`` is plain GRPO on every prompt."""
+    eta: float = 0.1
+    """Weight of the divergence term (the paper uses 0.01-0.2)."""
+    presample: int = 8
+    """Samples per prompt from the initial policy to split the prompts (all correct -> near-perfect)."""
+    near_perfect_threshold: float = 1.0
+    """Fraction of the pre-samples that must be correct for a prompt to count as near-perfect."""
+    group_size: int = 8
+    """GRPO group size (samples per exploration prompt)."""
+    prompts_per_step: int = 8
+    ref_batch_size: int = 64
+    """Stored reference samples per step for the divergence term."""
+    clip_eps: float = 0.2
+    """PPO clip range (Schulman et al. 2017)."""
+    ppo_epochs: int = 1
+    """Gradient steps per sampled batch (1: on-policy, the ratio is 1 and clipping is inactive)."""
+    lr: float = 1e-3
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/lm/demo"
+    """Run directory; the pretrained base model is cached in ``<out>/base``."""
+    seed: int = 0
+    pretrain_steps: int = 1500
+    """Pretraining updates of the toy GPT-2 (batch 128, about a minute on one core)."""
+    methods: list = field(default_factory=lambda: ["fdpo", "tdpo", "fdpg", "dph"])
+    fdpo_divergences: list = field(default_factory=lambda: ["reverse_kl", "js", "alpha:0.5", "forward_kl"])
+    tdpo_variants: list = field(default_factory=lambda: [1, 2])
+    fdpg_divergences: list = field(default_factory=lambda: ["reverse_kl", "js", "forward_kl"])
+    dph_divergences: list = field(default_factory=lambda: ["none", "reverse_kl", "js", "forward_kl", "alpha:0.2"])
+    dpo_pairs: int = 2000
+    dpo_steps: int = 150
+    dpo_lr: float = 3e-4
+    dpo_beta: float = 0.1
+    fdpg_steps: int = 150
+    fdpg_lr: float = 3e-4
+    dph_steps: int = 150
+    dph_lr: float = 3e-4
+    dph_eta: float = 0.1
+    eval_samples: int = 32
+    """Samples per prompt for the table."""
+    pass_k: int = 8
+    threads: int = 1
+    """torch CPU threads; the toy model is too small to gain from more, and they thrash on a shared machine."""
+
+
+CONFIGS: dict[str, type] = {"dpo": DPOConfig, "tdpo": TDPOConfig, "fdpg": FDPGConfig, "dph": DPHConfig,
+                            "demo": DemoConfig}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], key)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # also "1e-4", which YAML 1.1 reads as a string
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if tp is list or origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) if not isinstance(v, (int, float)) else v for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}.{hint} "
+                              f"Valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], key)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    out = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """``cls`` from a YAML file (optional) updated with ``key=value`` overrides (values parsed as YAML)."""
+    data: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        data.update(loaded)
+    data.update(parse_overrides(list(overrides)))
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

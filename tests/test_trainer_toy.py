@@ -1,0 +1,96 @@
+"""The trainer end to end on the 2-D toy: outputs, exact resume after a hard kill, config errors, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdistill.cli import main as cli_main
+from fdistill.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["batch_size=64", "task.hidden=32", "task.eval_samples=2000", "task.kde_samples=256", "log.every=5",
+         "log.progress=false", "schedule.critic_per_gen=2"]
+
+
+def _run(out, *extra, env=None):
+    cmd = [sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"), f"out={out}", *SMALL,
+           *extra]
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+
+
+def test_toy_run_writes_outputs(tmp_path):
+    out = tmp_path / "run"
+    r = _run(out, "steps=12", "log.ckpt_every=6", "ratio=oracle")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("mode_coverage", "mode_mass_tv", "off_mode_fraction", "calib_corr_mid", "calib_slope_mid"):
+        assert key in m
+    assert 0 <= m["off_mode_fraction"] <= 1 and 0 <= m["mode_coverage"] <= 1
+    assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [5, 10, 12]
+    for key in ("loss_gen", "loss_dm", "loss_disc", "loss_denoise", "r_mean", "r_min", "r_max", "h_mean",
+                "h_min", "h_max", "h_ess", "grad_norm_gen", "grad_norm_fake", "grad_norm_disc", "kimg",
+                "calib_corr", "calib_slope"):
+        assert key in rows[-1], key
+    assert abs(rows[-1]["h_mean"] - 1) < 1e-4  # stage-2 normalisation
+    ckpts = sorted(p.name for p in out.glob("ckpt-*"))
+    assert ckpts == ["ckpt-00000012"]  # rotation keeps 1 (config keep_ckpts)
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("steps=16", "log.ckpt_every=4")
+    r = _run(a, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(b, *args, env={"FDISTILL_TEST_KILL_AT_STEP": "10"})
+    assert r.returncode != 0  # killed after step 10; the newest checkpoint is step 8
+    assert not (b / "metrics.json").exists()
+    assert (b / "ckpt-00000008").is_dir()
+    r = _run(b, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    for name in ("generator", "fake_score", "discriminator", "ema_0.99", "ratio"):
+        sa = load_file(str(a / "ckpt-00000016" / f"{name}.safetensors"))
+        sb = load_file(str(b / "ckpt-00000016" / f"{name}.safetensors"))
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "steps=2", "log.ckpt_every=2").returncode == 0
+    r = _run(out, "steps=4", "divergence=forward_kl")
+    assert r.returncode == 2 and "different config" in r.stderr
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="divergance"):
+        load_config(ROOT / "configs/toy2d.yaml", ["divergance=js"])
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr_gen'"):
+        load_config(ROOT / "configs/toy2d.yaml", ["optim.lr_gne=1e-3"])
+    with pytest.raises(ConfigError, match="steps must be int"):
+        load_config(ROOT / "configs/toy2d.yaml", ["steps=many"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    cfg = load_config(ROOT / "configs/toy2d.yaml", ["optim.lr_gen=1e-5", "ema=[0.9,0.99]"])
+    assert cfg.optim.lr_gen == 1e-5 and cfg.ema == [0.9, 0.99]
+
+
+def test_cli_help_and_dry_run(capsys):
+    assert cli_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for cmd in ("distill", "demo", "sample", "export", "eval", "convert-edm", "lm"):
+        assert cmd in text
+    assert cli_main(["distill", str(ROOT / "configs/toy2d.yaml"), "divergence=alpha:0.5", "--dry-run"]) == 0
+    assert "divergence: alpha:0.5" in capsys.readouterr().out
+    assert cli_main(["distill", str(ROOT / "configs/toy2d.yaml"), "task.num_mode=3", "out=/tmp/x_never"]) == 2
+    assert "task.num_modes" in capsys.readouterr().err
