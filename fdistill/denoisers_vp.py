@@ -85,9 +85,8 @@ class VPUNetDenoiser(Denoiser):
         lo = (torch.searchsorted(log_grid, log_s, right=True) - 1).clamp(0, len(log_grid) - 2)
         a, b = log_grid[lo], log_grid[lo + 1]
         frac = ((log_s - a) / (b - a)).clamp(0.0, 1.0)
-        t = lo.float() + frac
-        # a grid value gives frac exactly 0 (or 1 at the top), so t is already integral; this only removes -0.0
-        return torch.where(frac == 0, lo.float(), t)
+        # a grid value gives frac exactly 0 (or 1 at the top): an integral timestep, as the scheduler's
+        return lo.float() + frac
 
     def denoise(self, x_t, sigma, cond=None):
         s = as_sigma(sigma, x_t)

@@ -1,0 +1,196 @@
+"""A distilled SD generator as a stock ``StableDiffusionPipeline`` folder that samples in one step.
+
+The folder is the teacher's pipeline with the generator's UNet and a scheduler under which one pipeline step is
+exactly our generator:
+
+    DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False)
+
+With ``num_inference_steps=1`` and trailing spacing the only timestep is T - 1 = 999 (the generator's), the
+pipeline feeds the UNet z ~ N(0, I) (init_noise_sigma = 1, no input scaling), and DDIM's step to the final
+alpha of 1 returns its predicted x0: (z - sqrt(1 - abar_999) eps) / sqrt(abar_999) for epsilon prediction (the v
+form for v models) - the x0 that ``VPUNetDenoiser`` computes at sigma_999 from x_t = sqrt(1 + sigma^2) z. Guidance
+must be off (guidance_scale <= 1): the student was distilled from a guided teacher and is unguided itself.
+
+    pipe = StableDiffusionPipeline.from_pretrained(OUT)
+    image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ONE_STEP_SCHEDULER = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
+                      "thresholding": False}
+
+
+def _as_unet(model):
+    """The UNet2DConditionModel inside a OneStepGenerator / VPUNetDenoiser / AveragedModel / DDP wrapper."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "module"):  # DDP, AveragedModel
+            model = model.module
+        elif hasattr(model, "denoiser"):  # OneStepGenerator
+            model = model.denoiser
+        elif hasattr(model, "backbone") and model.backbone is not None:  # Denoiser
+            model = model.backbone
+        else:
+            break
+    from diffusers import UNet2DConditionModel
+    if not isinstance(model, UNet2DConditionModel):
+        raise TypeError(f"expected a UNet2DConditionModel (or a generator holding one), got {type(model).__name__}")
+    return model
+
+
+def one_step_scheduler(teacher: str, local_files_only: bool = True):
+    """The teacher's noise schedule in a DDIM scheduler whose single step returns x0 at timestep 999."""
+    from diffusers import DDIMScheduler
+
+    cfg = DDIMScheduler.load_config(teacher, subfolder="scheduler", local_files_only=local_files_only)
+    return DDIMScheduler.from_config(cfg, **ONE_STEP_SCHEDULER)
+
+
+def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathLike, *, dtype: torch.dtype | None =
+                       None, safety_checker: bool = False, variant: str = "", overwrite: bool = False,
+                       extra_meta: dict | None = None) -> Path:
+    """Write ``out_dir``: the teacher's text encoder, tokenizer and VAE (re-saved), the generator's UNet and the
+    one-step DDIM scheduler. ``generator_unet``: a UNet2DConditionModel or a module holding one (our generator,
+    its EMA). ``dtype``: save the UNet in this dtype (default: as it is, fp32 after training). The teacher's
+    safety checker is copied only with ``safety_checker=True``. Written to a temporary folder, then renamed."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .pipelines.coco_t2i import load_kwargs
+
+    unet = _as_unet(generator_unet)
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) or choose another folder")
+    kw = load_kwargs(str(teacher_dir), variant)
+    lfo = kw["local_files_only"]
+    vae = AutoencoderKL.from_pretrained(teacher_dir, subfolder="vae", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(teacher_dir, subfolder="text_encoder", **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(teacher_dir, subfolder="tokenizer", local_files_only=lfo)
+    checker = extractor = None
+    if safety_checker:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+        checker = StableDiffusionSafetyChecker.from_pretrained(teacher_dir, subfolder="safety_checker", **kw)
+        extractor = CLIPImageProcessor.from_pretrained(teacher_dir, subfolder="feature_extractor",
+                                                       local_files_only=lfo)
+    unet_out = unet
+    if dtype is not None and next(unet.parameters()).dtype != dtype:
+        import copy
+        unet_out = copy.deepcopy(unet).to(dtype)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_out,
+                                   scheduler=one_step_scheduler(str(teacher_dir), lfo), safety_checker=checker,
+                                   feature_extractor=extractor, requires_safety_checker=safety_checker)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    meta = {"format": "fdistill-one-step-sd-v1", "teacher": str(teacher_dir), "num_inference_steps": 1,
+            "guidance_scale": 1.0, "timestep": int(pipe.scheduler.config.num_train_timesteps) - 1,
+            "scheduler": {"class": "DDIMScheduler", **ONE_STEP_SCHEDULER},
+            "usage": "StableDiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, "
+                     "guidance_scale=1.0)", **(extra_meta or {})}
+    (tmp / "fdistill_export.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# from a run directory / checkpoint
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    from .checkpoint import latest_checkpoint
+
+    if (path / "meta.json").is_file():
+        return path
+    last = latest_checkpoint(path)
+    if last is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (expected ckpt-<step>/ folders of an fdistill run)")
+    return last
+
+
+def unet_from_checkpoint(ckpt: str | os.PathLike, teacher: str | None = None, which: str = "ema"):
+    """The generator's UNet2DConditionModel from a coco_t2i checkpoint (a ckpt-<step> folder or a run directory).
+
+    ``which``: 'ema' (the first EMA, if the run kept one, else the raw generator), 'generator', or a file stem
+    such as 'ema_0.9999'. Returns (unet, checkpoint meta)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from .pipelines.coco_t2i import load_kwargs
+
+    folder = _resolve_checkpoint(Path(ckpt))
+    meta = json.loads((folder / "meta.json").read_text())
+    cfg = meta.get("config", {})
+    teacher = teacher or cfg.get("teacher")
+    if not teacher:
+        raise ValueError("the checkpoint does not name its teacher; pass teacher=")
+    if which == "ema":
+        emas = sorted(folder.glob("ema_*.safetensors"))
+        name = emas[0].stem if emas else "generator"
+    else:
+        name = which
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; available: {sorted(p.stem for p in folder.glob('*.safetensors'))}")
+    sd = load_file(str(path))
+    marker = "denoiser.backbone."
+    unet_sd = {k.split(marker, 1)[1]: v for k, v in sd.items() if marker in k}
+    if not unet_sd:
+        raise ValueError(f"{path} holds no generator UNet weights (keys like '*{marker}*')")
+    kw = load_kwargs(str(teacher))
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+        teacher, subfolder="unet", local_files_only=kw["local_files_only"]))
+    unet.load_state_dict(unet_sd, strict=True)
+    return unet, {**meta, "weights": name}
+
+
+def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str = "ema", **kw) -> Path:
+    unet, meta = unet_from_checkpoint(ckpt, teacher, which)
+    cfg = meta.get("config", {})
+    ts = (cfg.get("task") or {}).get("generator_timestep", 999)
+    if ts != 999:  # trailing DDIM's single timestep is T - 1 (SD: T = 1000)
+        raise ValueError(f"the generator was trained at timestep {ts}; the one-step DDIM export needs 999")
+    return export_sd_pipeline(unet, teacher or cfg["teacher"], out_dir, extra_meta={
+        "source": str(ckpt), "weights": meta["weights"], "gen_step": meta.get("gen_step"),
+        "divergence": cfg.get("divergence"), "guidance_scale_teacher": (cfg.get("task") or {}).get("guidance_scale")},
+        **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fdistill export (Stable Diffusion)",
+                                description="Export a coco_t2i run's generator as a StableDiffusionPipeline folder "
+                                            "that samples in one step (num_inference_steps=1, guidance_scale=1).")
+    p.add_argument("checkpoint", help="run directory (newest checkpoint) or a ckpt-<step> folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--teacher", default=None, help="teacher folder or hub id (default: the run's config)")
+    p.add_argument("--which", default="ema", help="'ema' (default; the raw generator if no EMA), 'generator', or "
+                                                   "a weights file stem such as ema_0.9999")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--safety-checker", action="store_true", help="copy the teacher's safety checker")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype) if a.dtype else None
+    out = export_from_checkpoint(a.checkpoint, a.out, a.teacher, a.which, dtype=dtype,
+                                 safety_checker=a.safety_checker, overwrite=a.overwrite)
+    print(json.dumps({"out": str(out), "load": "StableDiffusionPipeline.from_pretrained(out)",
+                      "call": "pipe(prompt, num_inference_steps=1, guidance_scale=1.0)"}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
