@@ -47,11 +47,10 @@ class Denoiser(nn.Module):
         self.calls = {"x0": 0, "features": 0, "both": 0}
         if backbone is not None:
             mods = dict(backbone.named_modules())
-            for i, name in enumerate(self.feature_modules):
+            for name in self.feature_modules:
                 if name not in mods:
                     raise ValueError(f"feature module {name!r} not found in {type(backbone).__name__}; "
                                      f"top-level modules: {[n for n, _ in backbone.named_children()]}")
-                mods[name].register_forward_hook(self._make_hook(i))
 
     def _make_hook(self, i: int):
         def hook(_module, _inp, out):
@@ -83,6 +82,10 @@ class Denoiser(nn.Module):
             raise RuntimeError(f"{type(self).__name__} has no feature modules configured")
         self._capture = [None] * len(self.feature_modules)
         self._stop_after_features = mode == "features"
+        # Hooks live only for this call: a deep copy of this denoiser (generator and fake score start as
+        # copies of the teacher) must not inherit hooks that write into the original.
+        mods = dict(self.backbone.named_modules())
+        handles = [mods[name].register_forward_hook(self._make_hook(i)) for i, name in enumerate(self.feature_modules)]
         try:
             try:
                 x0 = self.denoise(x_t, sigma, cond)
@@ -90,6 +93,8 @@ class Denoiser(nn.Module):
                 x0 = None
             feats = list(self._capture)
         finally:
+            for h in handles:
+                h.remove()
             self._capture = None
             self._stop_after_features = False
         if any(f is None for f in feats):

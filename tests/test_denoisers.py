@@ -1,0 +1,139 @@
+"""The EDM adapter around diffusers UNet2DModel, its features, and the network calls per iteration."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from fdistill.denoisers import EDMPrecondUNet, freeze
+from fdistill.discriminator import Discriminator
+from fdistill.divergences import get_divergence
+from fdistill.generator import OneStepGenerator
+from fdistill.noise import NoiseSchedule
+from fdistill.objective import FDistill, ObjectiveConfig
+from fdistill.ratio import RatioConfig, RatioNormalizer
+
+
+def tiny_unet(classes=10):
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=classes, attention_head_dim=16, flip_sin_to_cos=True,
+                       freq_shift=0, resnet_time_scale_shift="scale_shift")
+
+
+def test_edm_preconditioning_by_hand():
+    unet = tiny_unet()
+    den = EDMPrecondUNet(unet, sigma_data=0.5)
+    x = torch.randn(3, 1, 16, 16)
+    sigma = torch.tensor([0.01, 1.0, 80.0])
+    y = torch.tensor([1, 2, 3])
+    sd = 0.5
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+    c_out = s * sd / (s ** 2 + sd ** 2) ** 0.5
+    c_in = 1 / (s ** 2 + sd ** 2) ** 0.5
+    F = unet(c_in * x, torch.log(sigma) / 4, class_labels=y).sample
+    torch.testing.assert_close(den(x, sigma, y), c_skip * x + c_out * F)
+    # one-hot labels are the same conditioning
+    torch.testing.assert_close(den(x, sigma, torch.nn.functional.one_hot(y, 10).float()), den(x, sigma, y))
+
+
+def test_features_are_the_mid_block_output_and_stop_early():
+    unet = tiny_unet()
+    den = EDMPrecondUNet(unet)
+    x, sigma, y = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 3.0]), torch.tensor([0, 7])
+    seen = {}
+    h1 = unet.mid_block.register_forward_hook(lambda m, i, o: seen.__setitem__("mid", o))
+    ran_up = []
+    h2 = unet.up_blocks[0].register_forward_hook(lambda m, i, o: ran_up.append(1))
+    x0_full = den(x, sigma, y)
+    mid = seen["mid"]
+    ran_up.clear()
+    feats = den(x, sigma, y, mode="features")
+    assert ran_up == []  # the decoder never ran
+    torch.testing.assert_close(feats[0], mid)
+    x0, feats2 = den(x, sigma, y, mode="both")
+    assert ran_up == [1]
+    torch.testing.assert_close(x0, x0_full)
+    torch.testing.assert_close(feats2[0], mid)
+    h1.remove(), h2.remove()
+    with pytest.raises(ValueError, match="mode"):
+        den(x, sigma, y, mode="bottleneck")
+
+
+def _objective(disc_features="teacher"):
+    teacher = freeze(EDMPrecondUNet(tiny_unet()))
+    gen = OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), 80.0, (1, 16, 16))
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    feats = teacher(torch.zeros(1, 1, 16, 16), torch.ones(1), torch.zeros(1, dtype=torch.long), mode="features")
+    disc = Discriminator.for_feature_shapes([f.shape[1:] for f in feats])
+    sched = NoiseSchedule.edm()
+    obj = FDistill(gen, teacher, fake, disc, get_divergence("js"), RatioNormalizer(RatioConfig(), sched.dm_sigma_range),
+                   sched, ObjectiveConfig(disc_features=disc_features, gan_weight=3e-3))
+    return obj, teacher, gen, fake, disc
+
+
+def _count_calls(*mods):
+    counts = {}
+    hooks = []
+    for name, m in mods:
+        counts[name] = 0
+        hooks.append(m.register_forward_pre_hook(lambda mod, i, name=name: counts.__setitem__(name, counts[name] + 1)))
+    return counts, hooks
+
+
+def test_network_calls_per_iteration_are_minimal():
+    obj, teacher, gen, fake, disc = _objective()
+    rng = torch.Generator().manual_seed(0)
+    z, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    for m in (teacher, fake):
+        m.reset_calls()
+    unet_counts, hooks = _count_calls(("teacher", teacher.unet), ("fake", fake.unet),
+                                      ("gen", gen.denoiser.unet), ("disc", disc))
+    dec_counts, hooks2 = _count_calls(("teacher_dec", teacher.unet.up_blocks[0]))
+    loss, _ = obj.generator_loss(z, y, rng)
+    loss.backward()
+    # generator iteration: one generator pass, ONE teacher pass (x0 and features together), one fake pass
+    assert unet_counts == {"teacher": 1, "fake": 1, "gen": 1, "disc": 1}
+    assert teacher.calls == {"x0": 0, "features": 0, "both": 1}
+    assert fake.calls == {"x0": 1, "features": 0, "both": 0}
+    for k in unet_counts:
+        unet_counts[k] = 0
+    dec_counts["teacher_dec"] = 0
+    teacher.reset_calls()
+    loss, _ = obj.critic_loss(z, y, torch.randn(2, 1, 16, 16), y, rng)
+    loss.backward()
+    # critic iteration: generator once (no grad), fake score once, teacher once for fake+real features
+    # (batched), stopped at the bottleneck; the head once on the batch
+    assert unet_counts == {"teacher": 1, "fake": 1, "gen": 1, "disc": 1}
+    assert teacher.calls == {"x0": 0, "features": 1, "both": 0}
+    assert dec_counts["teacher_dec"] == 0
+    for h in hooks + hooks2:
+        h.remove()
+
+
+@pytest.mark.parametrize("disc_features", ["teacher", "fake"])
+def test_a_few_iterations_change_all_three_trainable_networks(disc_features):
+    obj, teacher, gen, fake, disc = _objective(disc_features)
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("gen", gen), ("fake", fake), ("disc", disc))}
+    t_before = [p.detach().clone() for p in teacher.parameters()]
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-3)
+    opt_c = torch.optim.AdamW(list(fake.parameters()) + list(disc.parameters()), lr=1e-3)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        y = torch.randint(0, 10, (2,), generator=rng)
+        loss, logs = obj.critic_loss(torch.randn(2, 1, 16, 16), y, torch.randn(2, 1, 16, 16), y, rng)
+        opt_c.zero_grad()
+        loss.backward()
+        opt_c.step()
+        loss, logs = obj.generator_loss(torch.randn(2, 1, 16, 16), y, rng)
+        assert torch.isfinite(loss)
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+    for n, m in (("gen", gen), ("fake", fake), ("disc", disc)):
+        changed = sum(not torch.equal(a, b) for a, b in zip(before[n], m.parameters()))
+        assert changed > len(before[n]) // 2, n
+    assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
