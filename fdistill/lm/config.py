@@ -7,8 +7,10 @@ stays independent of the diffusion side's config machinery.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +35,11 @@ class LMBaseConfig:
     ref_dtype: str = "float32"
     """dtype of frozen models (``bfloat16`` halves their memory; trainable weights stay fp32)."""
     seed: int = 0
-    steps: int = 200
+    steps: int = 150
     """Optimizer updates."""
-    batch_size: int = 32
-    lr: float = 5e-4
-    """AdamW learning rate. LM-scale runs use ~5e-7 (DPO, f-DPO) to 1e-6 (RLVR); the toy model needs more."""
+    lr: float = 3e-4
+    """AdamW learning rate, tuned for the toy model. LM-scale runs use ~5e-7 (DPO / f-DPO / TDPO, as in the
+    papers) to 1e-6 (RLVR)."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
@@ -75,7 +77,8 @@ class DPOConfig(LMBaseConfig):
     """Score the whole dataset with the reference once before training and free the reference model."""
     max_length: int = 512
     """Prompt + response tokens kept per sequence (responses are truncated from the end)."""
-    lr: float = 1e-3
+    batch_size: int = 32
+    """Preference pairs per update."""
 
 
 @dataclass
@@ -91,7 +94,9 @@ class TDPOConfig(LMBaseConfig):
     variant: int = 2
     """1 = TDPO1, 2 = TDPO2 (the paper's recommended variant)."""
     max_length: int = 512
-    lr: float = 1e-3
+    """Prompt + response tokens kept per sequence."""
+    batch_size: int = 32
+    """Preference pairs per update."""
 
 
 @dataclass
@@ -110,19 +115,20 @@ class FDPGConfig(LMBaseConfig):
     divergence: str = "js"
     """D_f(pi_theta || p) to minimise; js is the authors' default and recommended balance."""
     samples_per_prompt: int = 8
+    """Samples per prompt and step (they share the prompt's log Z estimate)."""
     prompts_per_step: int = 8
+    """Prompts per update; an update sees prompts_per_step * samples_per_prompt samples."""
     baseline_window: int = 1024
     """Moving-average baseline window in samples (Go et al. 2023)."""
     max_log_ratio: float = 20.0
     """|log pi/p| clamp: where b(x) = 0 the ratio is infinite; this bounds the pseudo-reward of such samples."""
-    lr: float = 1e-3
 
 
 @dataclass
 class DPHConfig(LMBaseConfig):
     out: str = "runs/lm/dph"
     prompts: str = "toy"
-    """Prompt set (text file, JSONL with ``prompt`` and optional ``answer``, or ``toy``)."""
+    """Prompt set: a text file (one prompt per line), a JSONL with a ``prompt`` field, or ``toy``."""
     verifier: str = "fdistill.lm.toy:verify"
     """``module:function`` called as fn(prompt, response) -> reward in [0, 1]."""
     divergence: str = "forward_kl"
@@ -137,13 +143,13 @@ class DPHConfig(LMBaseConfig):
     group_size: int = 8
     """GRPO group size (samples per exploration prompt)."""
     prompts_per_step: int = 8
+    """Exploration prompts per update."""
     ref_batch_size: int = 64
     """Stored reference samples per step for the divergence term."""
     clip_eps: float = 0.2
     """PPO clip range (Schulman et al. 2017)."""
     ppo_epochs: int = 1
     """Gradient steps per sampled batch (1: on-policy, the ratio is 1 and clipping is inactive)."""
-    lr: float = 1e-3
 
 
 @dataclass
@@ -154,19 +160,30 @@ class DemoConfig:
     pretrain_steps: int = 1500
     """Pretraining updates of the toy GPT-2 (batch 128, about a minute on one core)."""
     methods: list = field(default_factory=lambda: ["fdpo", "tdpo", "fdpg", "dph"])
+    """Which methods to run (fdpo, tdpo, fdpg, dph)."""
     fdpo_divergences: list = field(default_factory=lambda: ["reverse_kl", "js", "alpha:0.5", "forward_kl"])
+    """f-DPO rows (reverse_kl = DPO); the f-DPO paper's four."""
     tdpo_variants: list = field(default_factory=lambda: [1, 2])
+    """TDPO rows."""
     fdpg_divergences: list = field(default_factory=lambda: ["reverse_kl", "js", "forward_kl"])
+    """f-DPG rows toward p ~ a(y|x) 1[correct] (reverse_kl = KL-regularised RL's optimum, forward_kl = DPG)."""
     dph_divergences: list = field(default_factory=lambda: ["none", "reverse_kl", "js", "forward_kl", "alpha:0.2"])
+    """DPH-RL rows; none = the GRPO baseline without any KL term."""
     dpo_pairs: int = 2000
+    """Toy preference pairs (a correct answer against a random wrong one) for f-DPO and TDPO."""
     dpo_steps: int = 150
+    """Updates of each f-DPO / TDPO run (32 pairs each)."""
     dpo_lr: float = 3e-4
     dpo_beta: float = 0.1
+    """beta of f-DPO and TDPO (both papers' default)."""
     fdpg_steps: int = 150
+    """Updates of each f-DPG run (8 prompts x 8 samples each)."""
     fdpg_lr: float = 3e-4
     dph_steps: int = 150
+    """Updates of each DPH-RL / GRPO run (8 prompts x 8 samples, plus 64 stored samples)."""
     dph_lr: float = 3e-4
     dph_eta: float = 0.1
+    """Weight of DPH-RL's divergence term."""
     eval_samples: int = 32
     """Samples per prompt for the table."""
     pass_k: int = 8
@@ -261,3 +278,31 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field (``x: int = 1`` then ``\"\"\"doc\"\"\"``), subclasses overriding bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type) -> str:
+    """One line per key: name, default and its documentation (for ``--help``)."""
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} = {default!r}" + (f"\n      {docs[f.name]}" if f.name in docs else ""))
+    return "\n".join(lines)
