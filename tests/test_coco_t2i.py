@@ -181,3 +181,250 @@ def test_cfg_scale_one_is_conditional_and_guidance_is_one_batched_pass(sd_dir):
     torch.testing.assert_close(feats_both[0], feats_c[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g2, guided)
     assert cfg.prior_scale(3.0) == inner.prior_scale(3.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts and real data
+
+
+def test_prompt_sources_and_caption_pairing(data_dir):
+    coco = coco_t2i.read_prompts(data_dir / "captions.json")
+    assert len(coco) == 12 and coco[0] == "a red bus on a street number 0"  # whitespace and newlines cleaned
+    assert coco_t2i.read_prompts(data_dir / "prompts.txt") == PROMPTS  # empty lines dropped
+    files = coco_t2i.list_images(data_dir / "train2014")
+    assert len(files) == 6 and files == sorted(files)
+    table = coco_t2i._real_caption_table(files, "", str(data_dir / "captions.json"))
+    assert table[3] == [f"{PROMPTS[3]} number 0", f"{PROMPTS[3]} number 1"]
+    assert coco_t2i._real_caption_table(files, "", str(data_dir / "prompts.txt")) == [[]] * 6
+    # a text file: one caption per image, in sorted file order
+    assert coco_t2i._real_caption_table(files, str(data_dir / "prompts.txt"), None)[5] == [PROMPTS[5]]
+    with pytest.raises(ValueError, match="6 captions for 5 images"):
+        coco_t2i._real_caption_table(files[:5], str(data_dir / "prompts.txt"), None)
+
+
+def _cfg(sd_dir, data_dir, out, *extra):
+    return load_config(CONFIG, [f"teacher={sd_dir}", f"prompts={data_dir / 'captions.json'}",
+                                f"data={data_dir / 'train2014'}", f"out={out}", "batch_size=2",
+                                "task.teacher_dtype=float32", *extra])
+
+
+def test_task_and_one_critic_and_generator_iteration(sd_dir, data_dir, tmp_path, monkeypatch):
+    from fdistill.divergences import get_divergence
+    from fdistill.objective import FDistill
+    from fdistill.ratio import RatioNormalizer
+
+    cfg = _cfg(sd_dir, data_dir, tmp_path / "run")
+    torch.manual_seed(0)
+    task = coco_t2i.build(cfg, "cpu")
+    cache = list((tmp_path / "run" / "cache").glob("latents-*.npy"))
+    assert len(cache) == 1
+    lat = np.load(cache[0])
+    assert lat.shape == (6, 4, 8, 8) and lat.dtype == np.float16
+    # the cache holds the VAE posterior means of the centre-cropped images
+    vae = task.info["vae"]
+    x = coco_t2i.load_image(data_dir / "train2014" / coco_t2i.list_images(data_dir / "train2014")[2], 16)
+    torch.testing.assert_close(torch.from_numpy(lat[2]).float(), coco_t2i.encode_images(vae, x[None])[0],
+                               atol=2e-3, rtol=2e-3)
+    assert task.info["real_paired"] == 6 and task.info["text_cache"] == "memory"
+    # the noise schedule is the teacher's DDPM grid; the generator starts at timestep 999
+    sched = DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
+    torch.testing.assert_close(task.schedule.sigmas, vp_sigmas(sched.alphas_cumprod))
+    assert task.generator.sigma == pytest.approx(float(task.schedule.sigmas[999]))
+    assert isinstance(task.teacher, CFGDenoiser) and task.teacher.guidance_scale == 1.75
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+
+    # a second build reuses the cache (encoding again would fail)
+    monkeypatch.setattr(coco_t2i, "encode_images", lambda *a: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    torch.manual_seed(0)
+    task = coco_t2i.build(cfg, "cpu")
+
+    rng = torch.Generator().manual_seed(0)
+    cond = task.sample_cond(2, rng, "cpu")
+    assert cond["encoder_hidden_states"].shape == (2, 16, 32)
+    x_real, cond_real = task.sample_real(2, rng, "cpu")
+    assert x_real.shape == (2, 4, 8, 8) and cond_real["encoder_hidden_states"].shape == (2, 16, 32)
+
+    obj = FDistill(task.generator, task.teacher, task.fake_score, task.discriminator, get_divergence("js"),
+                   RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range), task.schedule, cfg.objective)
+    z = task.generator.sample_latents(2, rng)
+    loss_c, logs_c = obj.critic_loss(z, cond, x_real, cond_real, rng)
+    loss_c.backward()
+    assert torch.isfinite(loss_c) and "r1" in logs_c
+    assert all(p.grad is not None for p in task.discriminator.parameters())
+    assert task.fake_score.unet.conv_out.weight.grad.abs().sum() > 0
+    assert task.generator.denoiser.unet.conv_out.weight.grad is None  # the critic step leaves the generator alone
+    task.teacher.inner.reset_calls()
+    loss_g, logs_g = obj.generator_loss(z, cond, rng)
+    loss_g.backward()
+    assert torch.isfinite(loss_g) and logs_g["loss_dm"] > 0
+    assert task.generator.denoiser.unet.conv_in.weight.grad.abs().sum() > 0
+    # one teacher pass of the generator step served score and features: one 'both' call, over [cond; uncond]
+    assert task.teacher.inner.calls == {"x0": 0, "features": 0, "both": 1}
+
+
+def test_export_to_stock_pipeline_gives_our_one_step_images(sd_dir, tmp_path):
+    from fdistill.export_sd import export_sd_pipeline
+    from fdistill.generator import OneStepGenerator
+
+    unet, sched, vae, te, tok = _parts(sd_dir)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a "distilled" UNet that differs from the teacher
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    den = VPUNetDenoiser(unet, sched.alphas_cumprod, "epsilon")
+    gen = OneStepGenerator(den, float(den.sigmas[999]), (4, 8, 8))
+    out = export_sd_pipeline(gen, str(sd_dir), tmp_path / "export")
+    meta = json.loads((out / "fdistill_export.json").read_text())
+    assert meta["num_inference_steps"] == 1 and meta["scheduler"]["timestep_spacing"] == "trailing"
+    with pytest.raises(FileExistsError):
+        export_sd_pipeline(gen, str(sd_dir), out)
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = PROMPTS[:2]
+    ours_lat = gen(z, {"encoder_hidden_states": coco_t2i.encode_prompts(tok, te, prompts)}).detach()
+    theirs_lat = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="latent").images
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    torch.testing.assert_close(theirs_lat, ours_lat, rtol=1e-4, atol=1e-4)
+    ours = (coco_t2i.decode(vae, ours_lat) + 1) / 2
+    theirs = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    # and it is not simply the teacher's one-step output
+    teacher = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True)
+    teacher.scheduler = pipe.scheduler
+    t_lat = teacher(prompts, num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="latent").images
+    assert (t_lat - theirs_lat).abs().max() > 1e-2
+
+
+def test_cli_distill_end_to_end_and_export_from_checkpoint(sd_dir, data_dir, tmp_path):
+    from fdistill.cli import main as cli_main
+    from fdistill.export_sd import export_from_checkpoint, unet_from_checkpoint
+
+    run = tmp_path / "run"
+    rc = cli_main(["distill", CONFIG, f"teacher={sd_dir}", f"prompts={data_dir / 'prompts.txt'}",
+                   f"data={data_dir / 'train2014'}", "steps=2", "batch_size=2", f"out={run}", "log.progress=false"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and all(np.isfinite(v) for v in rows[-1].values())
+    assert (run / "samples_student.png").is_file() and (run / "ckpt-00000002" / "meta.json").is_file()
+    # checkpoint -> stock pipeline
+    unet, meta = unet_from_checkpoint(run)
+    assert meta["weights"] == "generator"  # the config keeps no EMA
+    from safetensors.torch import load_file
+    saved = load_file(str(run / "ckpt-00000002" / "generator.safetensors"))
+    torch.testing.assert_close(unet.conv_out.weight, saved["denoiser.backbone.conv_out.weight"])
+    out = export_from_checkpoint(run, tmp_path / "export")
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    img = pipe("a cat", num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+    assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
+
+
+def test_prompt_bank_modes_agree(sd_dir, tmp_path):
+    _, _, _, te, tok = _parts(sd_dir)
+    texts = PROMPTS + [""]
+    exact = coco_t2i.encode_prompts(tok, te, texts)
+    ids = torch.tensor([3, 0, 6, 3])
+    banks = {m: coco_t2i.PromptBank(texts, tok, te, m, tmp_path / "text.npy", batch_size=3)
+             for m in ("memory", "disk", "online")}
+    assert (tmp_path / "text.npy").is_file() and banks["memory"].text_encoder is None
+    for mode, bank in banks.items():
+        torch.testing.assert_close(bank.get(ids, "cpu"), exact[ids], rtol=2e-3, atol=2e-3)
+    assert torch.equal(banks["online"].get(ids, "cpu"), exact[ids])
+    with pytest.raises(ValueError, match="text_cache"):
+        coco_t2i.PromptBank(texts, tok, te, "nope")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COCO-30k
+
+
+def _val_json(root, n_images=8):
+    images = [{"id": 5000 + 7 * i, "file_name": f"COCO_val2014_{5000 + 7 * i:012d}.jpg"} for i in range(n_images)]
+    anns = [{"id": 90000 - k, "image_id": im["id"], "caption": f"caption {k % 3} of image {im['id']}"}
+            for k, im in enumerate(im for im in images for _ in range(3))]
+    anns.append({"id": 1, "image_id": 999999, "caption": "an annotation without an image"})
+    path = root / "captions_val2014.json"
+    path.write_text(json.dumps({"images": images + [{"id": 4, "file_name": "uncaptioned.jpg"}], "annotations": anns}))
+    return path, images
+
+
+def test_coco30k_caption_selection(tmp_path):
+    from fdistill.pipelines.coco_eval import select_captions
+
+    path, images = _val_json(tmp_path)
+    sel = select_captions(path, num=5, seed=0)
+    assert sel == select_captions(path, num=5, seed=0)  # deterministic
+    assert len({s["image_id"] for s in sel}) == 5  # one caption per image, distinct images
+    by_id = {im["id"]: im["file_name"] for im in images}
+    for s in sel:
+        assert s["file_name"] == by_id[s["image_id"]] and s["caption"].endswith(f"of image {s['image_id']}")
+    assert [s["image_id"] for s in select_captions(path, 5, seed=1)] != [s["image_id"] for s in sel]
+    assert {s["image_id"] for s in select_captions(path, 8, 0)} == set(by_id)  # uncaptioned images never chosen
+    with pytest.raises(ValueError, match="fewer than the 9"):
+        select_captions(path, num=9)
+
+
+def _pooled(x):
+    """A cheap stand-in for Inception (3-d mean colour; full-rank covariances from 5 images): orchestration, not the
+    metric, is under test here."""
+    return x.float().mean(dim=(2, 3))
+
+
+def test_coco30k_end_to_end_tiny(sd_dir, tmp_path):
+    import open_clip
+
+    from fdistill.export_sd import export_sd_pipeline
+    from fdistill.pipelines import coco_eval
+
+    model = export_sd_pipeline(_parts(sd_dir)[0], str(sd_dir), tmp_path / "student")
+    path, images = _val_json(tmp_path)
+    val = tmp_path / "val2014"
+    val.mkdir()
+    rng = np.random.default_rng(1)
+    for im in images:
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(val / im["file_name"])
+    torch.manual_seed(0)
+    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                                "patch_size": 8},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    clip = (open_clip.model.CLIP(**clip_cfg).eval(), open_clip.transform.image_transform(32, is_train=False),
+            open_clip.tokenizer.SimpleTokenizer(context_length=16))
+    args = coco_eval.build_parser().parse_args([str(model), "--captions", str(path), "--images", str(val), "--out",
+                                                str(tmp_path / "eval"), "--num", "5", "--batch-size", "2",
+                                                "--device", "cpu", "--quiet"])
+    res = coco_eval.run(args, inception=_pooled, clip_model=clip)
+    assert res["generated_now"] == 5 and np.isfinite(res["fid"]) and res["fid"] > 0
+    assert -1 <= res["clip_score"] <= 1
+    pngs = sorted((tmp_path / "eval" / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(5)]
+    assert np.asarray(Image.open(pngs[0])).shape == (16, 16, 3)
+    # image i is the one-step sample of caption i from the latent seeded i
+    sel = json.loads((tmp_path / "eval" / "selection.json").read_text())["selection"]
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    img = pipe(sel[3]["caption"], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="np").images[0]
+    assert np.abs((img * 255).round() - np.asarray(Image.open(pngs[3]), dtype=np.float64)).max() <= 1
+    # resumable: a rerun generates nothing and reproduces the numbers (reference statistics from the cache)
+    (tmp_path / "eval" / "images" / "00004.png").unlink()
+    res2 = coco_eval.run(args, inception=_pooled, clip_model=clip)
+    assert res2["generated_now"] == 1 and (tmp_path / "eval" / "ref_stats.npz").is_file()
+    assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
+    assert res2["clip_score"] == pytest.approx(res["clip_score"], abs=1e-6)
+
+
+def test_pre_encoded_latents_keep_their_captions(sd_dir, data_dir, tmp_path):
+    out = tmp_path / "lat" / "train.npy"
+    assert coco_t2i.main(["encode-latents", "--teacher", str(sd_dir), "--data", str(data_dir / "train2014"),
+                          "--out", str(out), "--batch-size", "4", "--device", "cpu"]) == 0
+    lat = np.load(out)
+    assert lat.shape == (6, 4, 8, 8)
+    assert json.loads(out.with_suffix(".json").read_text())["files"] == coco_t2i.list_images(data_dir / "train2014")
+    torch.manual_seed(0)
+    task = coco_t2i.build(_cfg(sd_dir, data_dir, tmp_path / "run", f"data={out}"), "cpu")
+    assert task.info["num_real"] == 6 and task.info["real_paired"] == 6
+    assert not (tmp_path / "run" / "cache").exists() or not list((tmp_path / "run" / "cache").glob("latents-*"))
+    with pytest.raises(ValueError, match="noise.grid"):
+        coco_t2i.build(_cfg(sd_dir, data_dir, tmp_path / "run", "noise.grid=edm"), "cpu")
+    with pytest.raises(ValueError, match="task.guidance"):
+        coco_t2i.build(_cfg(sd_dir, data_dir, tmp_path / "run", "task.guidance=2.0"), "cpu")
