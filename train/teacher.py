@@ -19,6 +19,18 @@ if __name__ == "__main__":
     p.add_argument("--ema-halflife-kimg", type=float, default=50.0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-only", action="store_true",
+                   help="only (re)compute the FID reference features and the teacher's FIDs for --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared 2-core box)")
     a = p.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.eval_only:
+        from fdistill.pipelines.mnist_demo import teacher_assets
+
+        print(json.dumps(teacher_assets(a.out), indent=1))
+        raise SystemExit(0)
     meta = train_teacher(a.out, a.steps, a.batch_size, a.lr, a.ema_halflife_kimg, a.max_minutes, a.seed)
     print(json.dumps(meta, indent=1))
