@@ -92,9 +92,8 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def _parts(sd_dir, prediction_type=None):
-    unet, sched, vae, te, tok = coco_t2i.load_teacher_parts(str(sd_dir))
-    return unet, sched, vae, te, tok
+def _parts(sd_dir):
+    return coco_t2i.load_teacher_parts(str(sd_dir))  # unet, scheduler, vae, text encoder, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,6 +400,7 @@ def test_coco30k_end_to_end_tiny(sd_dir, tmp_path):
     assert np.asarray(Image.open(pngs[0])).shape == (16, 16, 3)
     # image i is the one-step sample of caption i from the latent seeded i
     sel = json.loads((tmp_path / "eval" / "selection.json").read_text())["selection"]
+    assert (tmp_path / "eval" / "captions.txt").read_text().splitlines() == [s["caption"] for s in sel]
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
     img = pipe(sel[3]["caption"], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="np").images[0]

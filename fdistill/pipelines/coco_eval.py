@@ -227,6 +227,7 @@ def run(a, inception=None, clip_model=None) -> dict:
         raise ValueError(f"{out} holds images for another caption selection; use another --out")
     sel_path.write_text(json.dumps({"seed": a.seed, "num": a.num, "captions_file": a.captions or a.prompts,
                                     "selection": selection}))
+    (out / "captions.txt").write_text("\n".join(captions) + "\n")  # image order, for `fdistill eval clip`
     dtype = getattr(torch, a.dtype)
     made = generate(a.model, captions, out / "images", a.steps, a.guidance, a.batch_size, a.seed_offset, device,
                     dtype, not a.quiet)
