@@ -78,32 +78,88 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fid_pair(folders):
-    """FID of folder a vs b, by the package and by clean-fid's compute_fid (same Inception weights).
+def fid_runs(folders, tmp_path_factory):
+    """Folder a against folder b: by the package's CLI (`eval ref b`, then `eval fid a stats`) and by clean-fid's
+    own compute_fid, with the same Inception weights.
 
-    Module-scoped: a 2048x2048 matrix square root costs tens of CPU-seconds, so it is done as few times as possible.
+    Module-scoped: each FID needs a 2048x2048 matrix square root, tens of CPU-seconds, so there are two in all.
     """
     if not HAVE_INCEPTION:
         pytest.skip("no Inception weights")
     from cleanfid import fid as cleanfid_fid
-    model = I.load_inception()
-    ours = F.compute_fid(str(folders["a"]), str(folders["b"]), mode="clean", num=None, weights=model,
-                         batch_size=8, progress=False)
+    tmp = tmp_path_factory.mktemp("fid_runs")
+    stats, out, gen_feats = tmp / "b_stats.npz", tmp / "res.json", tmp / "a_feats.npz"
+    ref_json = _run_cli(["ref", str(folders["b"]), "--out", str(stats), "--device", "cpu", "--quiet",
+                         "--keep-features", "--batch-size", "8"])
+    res = _run_cli(["fid", str(folders["a"]), str(stats), "--num", "8", "--device", "cpu", "--quiet",
+                    "--batch-size", "8", "--out", str(out), "--save-features", str(gen_feats)])
+    assert json.loads(out.read_text()) == res
     theirs = cleanfid_fid.compute_fid(str(folders["a"]), str(folders["b"]), mode="clean",
-                                      custom_feat_extractor=model, num_workers=0, batch_size=8,
+                                      custom_feat_extractor=I.load_inception(), num_workers=0, batch_size=8,
                                       device=torch.device("cpu"), verbose=False)
-    return ours, float(theirs)
+    return {"ref_json": ref_json, "res": res, "theirs": float(theirs), "stats": stats, "gen_feats": gen_feats}
+
+
+def _run_cli(argv):
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert eval_main(argv) == 0
+    return json.loads(buf.getvalue())
 
 
 @needs_inception
-def test_fid_matches_cleanfid_compute_fid(fid_pair):
-    ours, theirs = fid_pair
-    assert np.isfinite(ours["fid"]) and ours["fid"] > 1.0  # two different image families
-    assert abs(ours["fid"] - theirs) < 1e-3
-    proto = ours["protocol"]
-    assert proto["mode"] == "clean" and proto["num_samples"] == 8
+def test_fid_matches_cleanfid_compute_fid(fid_runs):
+    res, theirs = fid_runs["res"], fid_runs["theirs"]
+    assert np.isfinite(res["fid"]) and res["fid"] > 1.0  # two different image families
+    assert abs(res["fid"] - theirs) < 1e-3
+    proto = res["protocol"]
+    assert proto["mode"] == "clean" and proto["num_samples"] == 8 and proto["paper_num_samples"] == 50_000
     assert proto["inception"]["sha256"] == I.sha256_file(I.load_inception().path)
+    assert res["ref"]["kind"] == "stats" and res["ref"]["sha256"] == I.sha256_file(fid_runs["stats"])
+    assert res["ref"]["meta"]["num_samples"] == 8 and res["gen"]["num_images"] == 8
+
+
+@needs_inception
+def test_reference_stats_and_saved_features(fid_runs, capsys):
+    ref_json = fid_runs["ref_json"]
+    assert ref_json["num_samples"] == 8 and ref_json["mode"] == "clean" and ref_json["pre_resize"] is None
+    mu, sigma, meta = F.load_stats(fid_runs["stats"], with_meta=True)
+    feats = F.load_features_npz(fid_runs["stats"])
+    assert feats.shape == (8, 2048) and meta["mode"] == "clean"
+    np.testing.assert_allclose(mu, F.stats_from_features(feats)[0])
+    np.testing.assert_allclose(sigma, F.stats_from_features(feats)[1])
+    # Saved features make `eval pr` run without Inception; identical sets -> precision = recall = 1.
+    pr = _run_cli(["pr", str(fid_runs["gen_feats"]), str(fid_runs["gen_feats"]), "--num", "all", "--quiet",
+                   "--device", "cpu"])
+    assert pr["precision"] == 1.0 and pr["recall"] == 1.0
+    # Disjoint image families: the generated set covers little of the reference and vice versa.
+    pr = _run_cli(["pr", str(fid_runs["gen_feats"]), str(fid_runs["stats"]), "--num", "all", "--quiet",
+                   "--device", "cpu", "--k", "2"])
+    assert pr["precision"] < 1.0 and pr["recall"] < 1.0
+
+
+def _pooled_features(x):
+    """A cheap stand-in extractor (48-d): FID orchestration tests without 2048-d matrix square roots."""
+    return torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)
+
+
+def test_compute_fid_on_folders_matches_cleanfid_with_any_extractor(folders):
+    from cleanfid import fid as cleanfid_fid
+    ours = F.compute_fid(str(folders["a"]), str(folders["b"]), num=None, weights=_pooled_features, batch_size=5,
+                         progress=False)
+    theirs = cleanfid_fid.compute_fid(str(folders["a"]), str(folders["b"]), mode="clean",
+                                      custom_feat_extractor=_pooled_features, num_workers=0, batch_size=5,
+                                      device=torch.device("cpu"), verbose=False)
+    assert ours["fid"] > 1.0 and abs(ours["fid"] - float(theirs)) < 1e-3
     assert ours["ref"]["kind"] == "images" and ours["ref"]["num_images"] == 8
+    # The same images as an npz (with the seeds they were sampled from) give the same FID.
+    npz = folders["root"] / "a.npz"
+    np.savez(npz, arr_0=folders["a_arr"], seeds=np.arange(8))
+    again = F.compute_fid(str(npz), str(folders["b"]), num=8, weights=_pooled_features, progress=False)
+    assert again["fid"] == pytest.approx(ours["fid"], abs=1e-6)
+    assert again["gen"]["seeds"] == {"count": 8, "first": 0, "last": 7, "are_0_to_n_minus_1": True}
 
 
 @needs_inception
@@ -111,17 +167,17 @@ def test_array_features_equal_folder_features_both_modes(folders):
     """PNG folder (clean-fid's reader) and the same images as an array give the same features."""
     arr = folders["a_arr"][:3]
     sub = _write_folder(folders["root"] / "a3", arr)
+    from cleanfid.fid import get_folder_features
+    feats = {}
     for mode in ("clean", "legacy_tensorflow"):
-        from cleanfid.fid import get_folder_features
         via_cleanfid = get_folder_features(str(sub), I.load_inception(), num_workers=0, batch_size=3,
                                            device=torch.device("cpu"), mode=mode, verbose=False)
         via_array = F.inception_features(arr, batch_size=3, mode=mode, progress=False)
         assert via_array.shape == (3, 2048) and via_array.dtype == np.float32
         np.testing.assert_allclose(via_array, via_cleanfid, rtol=1e-5, atol=1e-5)
+        feats[mode] = via_array
     # The two modes resize differently, so their features differ.
-    clean = F.inception_features(arr, batch_size=3, mode="clean", progress=False)
-    legacy = F.inception_features(arr, batch_size=3, mode="legacy_tensorflow", progress=False)
-    assert np.abs(clean - legacy).max() > 1e-3
+    assert np.abs(feats["clean"] - feats["legacy_tensorflow"]).max() > 1e-3
 
 
 @needs_inception
@@ -134,11 +190,11 @@ def test_tensor_grayscale_and_batch_iterables():
     # A float tensor in [-1, 1] is quantised like EDM's saved samples: x = (u8 - 128) / 127.5 round-trips.
     u8 = rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
     t = (torch.from_numpy(u8).permute(0, 3, 1, 2).double() - 128) / 127.5
-    f_tensor = F.inception_features(t.float(), progress=False)
+    assert np.array_equal(F.to_uint8_nhwc(t.float()), u8)
     f_u8 = F.inception_features(u8, progress=False)
-    np.testing.assert_allclose(f_tensor, f_u8, rtol=0, atol=1e-6)
-    # An iterable of batches (batch_size smaller than a chunk) gives the same features in the same order.
-    f_iter = F.inception_features(iter([u8[:1], u8[1:]]), batch_size=1, progress=False)
+    # An iterable of batches -- here a float tensor in [-1, 1], then a uint8 array -- gives the same features,
+    # in order: tensors are quantised like EDM's saved samples, x = (u8 - 128) / 127.5 round-trips.
+    f_iter = F.inception_features(iter([t[:1].float(), u8[1:]]), batch_size=1, progress=False)
     np.testing.assert_allclose(f_iter, f_u8, rtol=1e-5, atol=1e-5)
 
 
@@ -296,39 +352,26 @@ def test_load_inception_is_cached():
 
 
 @needs_inception
-def test_cli_ref_then_fid_equals_folder_fid(folders, fid_pair, tmp_path, capsys):
-    """`eval ref` statistics give the same FID as the folder itself; the JSON records the protocol."""
-    stats = tmp_path / "b_stats.npz"
-    assert eval_main(["ref", str(folders["b"]), "--out", str(stats), "--device", "cpu", "--quiet",
-                      "--keep-features"]) == 0
-    ref_json = json.loads(capsys.readouterr().out)
-    assert ref_json["num_samples"] == 8 and ref_json["mode"] == "clean"
-    gen_npz = tmp_path / "gen.npz"
-    np.savez(gen_npz, arr_0=folders["a_arr"], seeds=np.arange(8))
-    out = tmp_path / "res.json"
-    assert eval_main(["fid", str(gen_npz), str(stats), "--num", "8", "--device", "cpu", "--quiet",
-                      "--batch-size", "8", "--out", str(out), "--save-features", str(tmp_path / "gf.npz")]) == 0
-    res = json.loads(out.read_text())
-    # Stats of folder b, images of folder a as an npz: the same number as folder a against folder b.
-    assert res["fid"] == pytest.approx(fid_pair[0]["fid"], abs=1e-3)
-    mu_b, sigma_b = F.load_stats(stats)
-    ref_feats = F.load_features_npz(stats)
-    np.testing.assert_allclose(mu_b, F.stats_from_features(ref_feats)[0])
-    assert res["protocol"]["num_samples"] == 8 and res["protocol"]["mode"] == "clean"
-    assert res["ref"]["kind"] == "stats" and res["ref"]["sha256"] == I.sha256_file(stats)
-    assert len(res["protocol"]["inception"]["sha256"]) == 64
-    assert res["gen"]["seeds"] == {"count": 8, "first": 0, "last": 7, "are_0_to_n_minus_1": True}
-    # Saved features make `eval pr` run without Inception; identical sets -> precision = recall = 1.
-    capsys.readouterr()
-    assert eval_main(["pr", str(tmp_path / "gf.npz"), str(tmp_path / "gf.npz"), "--num", "all", "--quiet",
-                      "--device", "cpu"]) == 0
-    pr = json.loads(capsys.readouterr().out)
-    assert pr["precision"] == 1.0 and pr["recall"] == 1.0
-
-
-@needs_inception
 def test_cli_errors_are_reported(tmp_path, capsys):
     np.savez(tmp_path / "gen.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     assert eval_main(["fid", str(tmp_path / "gen.npz"), str(tmp_path / "ref.npz"), "--quiet"]) == 2
     assert "50,000" in capsys.readouterr().err
+
+
+def test_image_npz_is_memory_mapped_and_layouts(tmp_path):
+    rng = np.random.default_rng(6)
+    nhwc = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "nhwc.npz", x=nhwc)
+    loaded = F.load_image_npz(tmp_path / "nhwc.npz")
+    assert isinstance(loaded, np.memmap)  # uncompressed npz: read lazily, batch by batch
+    np.testing.assert_array_equal(loaded, nhwc)
+    np.savez_compressed(tmp_path / "nchw.npz", arr_0=nhwc.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(F.load_image_npz(tmp_path / "nchw.npz"), nhwc)
+    np.savez(tmp_path / "float.npz", arr_0=nhwc.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        F.load_image_npz(tmp_path / "float.npz")
+    # Batches of a memory-mapped array arrive converted, in order.
+    batches = list(F._iter_batches(loaded, 2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), nhwc)

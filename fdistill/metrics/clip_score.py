@@ -111,20 +111,22 @@ def clip_similarities(images, captions: Sequence[str], model_name: str = DEFAULT
     elif preprocess is None or tokenizer is None:
         raise ValueError("with model=..., also pass preprocess= and tokenizer=")
     model.eval()
-    pils = _to_pil_list(images)
+    if not isinstance(images, (np.ndarray, torch.Tensor)):
+        images = list(images)
     captions = list(captions)
-    if len(pils) != len(captions):
-        raise ValueError(f"{len(pils)} images but {len(captions)} captions")
-    if not pils:
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if len(images) == 0:
         raise ValueError("no images given")
     dev = torch.device(device)
     sims = []
-    starts = range(0, len(pils), batch_size)
+    starts = range(0, len(images), batch_size)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, desc="CLIP score", unit="batch")
     for i in starts:
-        ims = pils[i:i + batch_size]
+        # Decode one batch at a time: 30k images at 512x512 would not fit in memory at once.
+        ims = _to_pil_list(images[i:i + batch_size])
         if pre_resize:
             ims = [_center_crop_resize(im, pre_resize) for im in ims]
         pixels = torch.stack([preprocess(im) for im in ims]).to(dev)

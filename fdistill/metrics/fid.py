@@ -90,9 +90,9 @@ def _iter_batches(images: ImageBatch | Iterable[ImageBatch], batch_size: int):
     if isinstance(images, (np.ndarray, torch.Tensor)):
         images = [images]
     for chunk in images:
-        arr = to_uint8_nhwc(chunk)
-        for i in range(0, len(arr), batch_size):
-            yield arr[i:i + batch_size]
+        # Slice before converting: a memory-mapped npz of 50k images is then read batch by batch.
+        for i in range(0, len(chunk), batch_size):
+            yield to_uint8_nhwc(chunk[i:i + batch_size])
 
 
 def center_crop_resize(size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -141,7 +141,8 @@ def inception_features(images, batch_size: int = 50, device: str | torch.device 
     batches = _iter_batches(images, batch_size)
     if progress:
         from tqdm import tqdm
-        batches = tqdm(batches, desc=f"Inception features ({mode})", unit="batch")
+        total = -(-len(images) // batch_size) if isinstance(images, (np.ndarray, torch.Tensor)) else None
+        batches = tqdm(batches, desc=f"Inception features ({mode})", unit="batch", total=total)
     for arr in batches:
         tensors = []
         for img in arr:
@@ -281,14 +282,26 @@ def load_stats(path: str | os.PathLike, with_meta: bool = False):
 IMAGE_NPZ_KEYS = ("arr_0", "x", "images")
 
 
+def _npz_array(path, key) -> np.ndarray:
+    """Memory-mapped when the member is stored uncompressed (np.savez), so 50k images are not all loaded."""
+    try:
+        from fdistill.data.images import _npz_member
+    except ImportError:  # the data module is optional here; fall back to reading the whole array
+        _npz_member = None
+    if _npz_member is not None:
+        return _npz_member(str(path), key)
+    with np.load(path, allow_pickle=False) as data:
+        return data[key]
+
+
 def load_image_npz(path: str | os.PathLike) -> np.ndarray:
     """uint8 images NHWC from an npz (``arr_0`` as np.savez writes and ADM/EDM sample batches use, ``x``, or
-    ``images``). NCHW input is transposed."""
-    with np.load(path, allow_pickle=False) as data:
-        key = next((k for k in IMAGE_NPZ_KEYS if k in data), None)
-        if key is None:
-            raise ValueError(f"{path}: no images under any of {IMAGE_NPZ_KEYS}; keys are {list(data.keys())}")
-        arr = data[key]
+    ``images``), memory-mapped where possible. NCHW input is transposed (a view, still lazy)."""
+    keys = _npz_keys(path)
+    key = next((k for k in IMAGE_NPZ_KEYS if k in keys), None)
+    if key is None:
+        raise ValueError(f"{path}: no images under any of {IMAGE_NPZ_KEYS}; keys are {keys}")
+    arr = _npz_array(path, key)
     if arr.dtype != np.uint8:
         raise ValueError(f"{path}[{key!r}] must be uint8 images, got {arr.dtype}")
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
