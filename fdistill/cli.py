@@ -10,7 +10,7 @@ COMMANDS = {
     "demo": "the embedded default: distill the shipped MNIST teacher on CPU, with FID and sample grids",
     "sample": "generate images from a run directory, checkpoint or exported folder",
     "export": "write a generator as a diffusers-format folder (OneStepPipeline / StableDiffusionPipeline)",
-    "eval": "metrics: fid, ref (reference statistics), pr (precision/recall), clip (CLIP score)",
+    "eval": "metrics: fid, ref (reference statistics), pr (precision/recall), clip (CLIP score), coco (COCO-30k)",
     "convert-edm": "convert an NVlabs EDM network pickle to a diffusers UNet2DModel folder, without executing it",
     "lm": "f-divergence LM alignment: dpo, tdpo, fdpg, dph, demo",
 }
@@ -50,12 +50,22 @@ def _delegate(module: str, func: str = "main"):
     return run
 
 
+def _eval(argv: list[str]) -> int:
+    if argv and argv[0] == "coco":  # the COCO-30k protocol lives with the text-to-image pipeline
+        from .pipelines.coco_eval import main as coco_main
+
+        return coco_main(argv[1:])
+    from .metrics.cli import main as metrics_main
+
+    return metrics_main(argv)
+
+
 HANDLERS = {
     "distill": _distill,
     "demo": _delegate("fdistill.pipelines.mnist", "demo_main"),
     "sample": _delegate("fdistill.sampling", "main"),
     "export": _delegate("fdistill.export", "main"),
-    "eval": _delegate("fdistill.metrics.cli"),
+    "eval": _eval,
     "convert-edm": _delegate("fdistill.convert.edm"),
     "lm": _delegate("fdistill.lm.cli"),
 }
