@@ -106,3 +106,18 @@ def test_cli_on_feature_files(tmp_path, capsys):
     assert "no features" in capsys.readouterr().err
     assert eval_main(["pr", str(tmp_path / "fake.npz"), str(tmp_path / "real.npz"), "--num", "all",
                       "--mode", "legacy_tensorflow", "--device", "cpu", "--quiet"]) == 2
+
+
+def test_cli_takes_the_mode_recorded_with_the_features(tmp_path, capsys):
+    from fdistill.metrics.fid import save_stats, stats_from_features
+    rng = np.random.default_rng(6)
+    f = rng.normal(size=(30, 4)).astype(np.float32)
+    save_stats(tmp_path / "a.npz", *stats_from_features(f), features=f, mode="legacy_tensorflow")
+    save_stats(tmp_path / "b.npz", *stats_from_features(f), features=f, mode="clean")
+    assert eval_main(["pr", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--num", "all", "--device", "cpu",
+                      "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["protocol"]["mode"] == "legacy_tensorflow" and res["precision"] == 1.0
+    assert eval_main(["pr", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--num", "all", "--device", "cpu",
+                      "--quiet"]) == 2
+    assert "different modes" in capsys.readouterr().err

@@ -105,15 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Improved precision/recall (Kynkaanniemi et al. 2019) on Inception features, "
                                    "computed in memory-bounded chunks. GEN and REF: folder, .zip, image .npz, or "
                                    "an .npz holding features (key feats, from --save-features/--keep-features).")
-    p.add_argument("gen")
-    p.add_argument("ref")
+    p.add_argument("gen", help="generated images or their features (.npz with feats)")
+    p.add_argument("ref", help="reference images or their features; ADM reference batches (images + mu/sigma) "
+                               "work")
     p.add_argument("--k", type=int, default=3, help="neighbourhood size (default 3, as in the paper)")
     p.add_argument("--num", type=_num, default=50_000, help="generated images to use (default 50000; 'all')")
     p.add_argument("--ref-num", type=_num, default=None, help="reference images to use (default all)")
     p.add_argument("--chunk-size", type=int, default=4096,
                    help="distance block size; memory ~ chunk_size^2 floats (default 4096)")
     p.add_argument("--out", metavar="JSON", default=None)
-    _common(p, "clean")
+    _common(p, None)
 
     p = sub.add_parser("clip", help="CLIP score (mean image-caption cosine similarity)",
                        description="CLIP score with open_clip: mean cosine similarity of image and caption "
@@ -173,11 +174,25 @@ def _pr_features(source, num, a, device):
                        num_workers=a.num_workers, progress=not a.quiet, pre_resize=a.pre_resize)
 
 
+def _recorded_mode(source) -> str | None:
+    from .fid import is_stats_file, load_stats
+    s = str(source)
+    if s.endswith(".npz") and is_stats_file(s):
+        return load_stats(s, with_meta=True)[2].get("mode")
+    return None
+
+
 def _run_pr(a) -> dict:
     from .fid import describe_file, load_features_npz
     from .inception import load_inception
     from .precision_recall import precision_recall
     device = _device(a.device)
+    if a.mode is None:
+        # Features files record the mode they were computed in; images default to clean.
+        recorded = {m for m in (_recorded_mode(a.gen), _recorded_mode(a.ref)) if m}
+        if len(recorded) > 1:
+            raise ValueError(f"GEN and REF features were computed in different modes: {sorted(recorded)}")
+        a.mode = recorded.pop() if recorded else "clean"
     gen = _pr_features(a.gen, a.num, a, device)
     ref = _pr_features(a.ref, a.ref_num, a, device)
     result = precision_recall(ref, gen, k=a.k, chunk_size=a.chunk_size, device=device)
