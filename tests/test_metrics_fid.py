@@ -375,3 +375,19 @@ def test_image_npz_is_memory_mapped_and_layouts(tmp_path):
     batches = list(F._iter_batches(loaded, 2))
     assert [len(b) for b in batches] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(batches), nhwc)
+
+
+def test_fid_from_feature_and_stats_files_needs_no_inception(tmp_path):
+    rng = np.random.default_rng(7)
+    gen, ref = rng.normal(size=(40, 6)), rng.normal(loc=0.3, size=(60, 6))
+    F.save_stats(tmp_path / "gen.npz", *F.stats_from_features(gen), features=gen, mode="clean", pre_resize=None,
+                 inception={"path": "x.pt", "sha256": "ab" * 32})
+    F.save_stats(tmp_path / "ref.npz", *F.stats_from_features(ref), mode="clean", pre_resize=None)
+    res = F.compute_fid(str(tmp_path / "gen.npz"), str(tmp_path / "ref.npz"), num=None,
+                        weights=str(tmp_path / "no_such_inception.pt"), progress=False)
+    expected = F.fid_from_stats(*F.stats_from_features(gen.astype(np.float32)), *F.stats_from_features(ref))
+    assert res["fid"] == pytest.approx(expected, rel=1e-9)
+    assert res["protocol"]["inception"]["sha256"] == "ab" * 32  # carried over from the features file
+    with pytest.raises(ValueError, match="mode"):
+        F.compute_fid(str(tmp_path / "gen.npz"), str(tmp_path / "ref.npz"), num=None, mode="legacy_tensorflow",
+                      progress=False)

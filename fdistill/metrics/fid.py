@@ -324,6 +324,7 @@ def features_of(source, num: int | None = None, **kw) -> np.ndarray:
         if s.endswith(".npz"):
             feats = load_features_npz(s)
             if feats is not None:
+                _check_feature_meta(s, kw.get("mode"), kw.get("pre_resize"))
                 if num is not None:
                     _check_count(len(feats), num, s)
                     feats = feats[:num]
@@ -344,6 +345,16 @@ def features_of(source, num: int | None = None, **kw) -> np.ndarray:
         _check_count(len(feats), num, "the given images")
         feats = feats[:num]
     return feats
+
+
+def _check_feature_meta(path, mode, pre_resize) -> None:
+    """Stored features are only usable under the protocol they were computed with."""
+    meta = load_stats(path, with_meta=True)[2] if is_stats_file(path) else {}
+    if meta.get("mode") and mode and meta["mode"] != mode:
+        raise ValueError(f"{path}: features were computed with mode {meta['mode']!r}, not {mode!r}")
+    if meta and meta.get("pre_resize") != pre_resize:
+        raise ValueError(f"{path}: features were computed with pre_resize={meta.get('pre_resize')}, not "
+                         f"{pre_resize}")
 
 
 def describe_file(path) -> dict:
@@ -410,13 +421,20 @@ def compute_fid(gen, ref, mode: str | None = None, num: int | None = PAPER_NUM_S
     mode the reference statistics were made with (EDM's: ``legacy_tensorflow``), else ``clean``.
     Returns a JSON-able dict with ``fid`` and the protocol.
     """
-    model = _resolve_model(weights, device)
-    kw = dict(batch_size=batch_size, device=device, weights=model, num_workers=num_workers, progress=progress,
+    # Inception is loaded (once, cached) only when images have to be encoded: features and statistics files
+    # alone need no weights.
+    kw = dict(batch_size=batch_size, device=device, weights=weights, num_workers=num_workers, progress=progress,
               pre_resize=pre_resize)
     mu_r, sigma_r, ref_info, mode = reference_stats(ref, mode, ref_num=ref_num, **kw)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     feats = features_of(gen, num=num, mode=mode, **kw)
+    gen_is_features = (isinstance(gen, (str, os.PathLike)) and str(gen).endswith(".npz")
+                       and load_features_npz(gen) is not None)
+    if gen_is_features:
+        model = _RecordedInception(load_stats(gen, with_meta=True)[2] if is_stats_file(gen) else {})
+    else:
+        model = _resolve_model(weights, device)  # already loaded by features_of: cached
     if save_features:
         save_stats(save_features, *stats_from_features(feats), features=feats,
                    **_protocol(model, mode, len(feats), pre_resize, gen))
@@ -433,6 +451,15 @@ def compute_fid(gen, ref, mode: str | None = None, num: int | None = PAPER_NUM_S
         "gen": gen_info,
         "ref": ref_info,
     }
+
+
+class _RecordedInception:
+    """The Inception record of features read from a file (path and sha256 as stored with them)."""
+
+    def __init__(self, meta: dict):
+        inc = meta.get("inception") or {}
+        self.path = inc.get("path", "unknown (features file)")
+        self.sha256 = inc.get("sha256")
 
 
 def _npz_seeds(source, num: int) -> dict | None:
