@@ -207,6 +207,7 @@ def test_task_networks_and_real_data(tiny):
     assert all(p.requires_grad for p in task.fake_score.parameters())
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in task.generator.modules())
     assert task.generator.sigma == 80.0 and task.generator.latent_shape == (3, 8, 8)
+    assert not any(task.teacher.calls.values())  # the build's shape probe is not counted
     # the fake score's own feature hooks work (a deep copy of a wrapped denoiser would report into the teacher)
     x, s, y = torch.randn(2, 3, 8, 8), torch.ones(2), torch.tensor([1, 2])
     f_fake = task.fake_score(x, s, y, mode="features")
@@ -349,6 +350,8 @@ def test_fullsize_adm_one_critic_and_one_generator_iteration():
     torch.nn.utils.clip_grad_norm_(task.generator.parameters(), cfg.optim.grad_clip)
     opt_g.step()
     t2 = time.time()
+    print(f"\nfull-size ADM ({torch.get_num_threads()} threads): build {t_built - t_start:.1f} s, critic iteration "
+          f"{t1 - t0:.1f} s, generator iteration {t2 - t1:.1f} s, total {time.time() - t_start:.1f} s")
 
     assert torch.isfinite(loss_c) and torch.isfinite(loss_g)
     assert all(torch.isfinite(v).all() for v in {**logs_c, **logs_g}.values())
@@ -356,5 +359,3 @@ def test_fullsize_adm_one_critic_and_one_generator_iteration():
     assert not torch.equal(task.discriminator.heads[0].net[0].weight, w_disc)
     assert not torch.equal(task.generator.denoiser.backbone.conv_out.weight, w_gen)
     assert task.teacher.calls["features"] == 1 and task.teacher.calls["both"] == 1  # one teacher pass each
-    print(f"\nfull-size ADM ({torch.get_num_threads()} threads): build {t_built - t_start:.1f} s, critic iteration "
-          f"{t1 - t0:.1f} s, generator iteration {t2 - t1:.1f} s, total {time.time() - t_start:.1f} s")

@@ -134,6 +134,7 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
         probe = teacher(torch.zeros(1, channels, resolution, resolution), torch.ones(1),
                         torch.zeros(1, dtype=torch.long) if num_classes else None, mode="features")
     disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
+    teacher.reset_calls()  # the probe is not part of training; the counters are read by tests/benchmarks
     schedule = _schedule(cfg.noise)
 
     if t["init_from"]:
