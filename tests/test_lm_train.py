@@ -35,8 +35,8 @@ def tiny_model(tmp_path_factory):
 
 
 def _common(tmp_path, model, **kw):
-    return dict(out=str(tmp_path / "run"), model=model, steps=2, eval_samples=2, eval_prompts="toy", threads=1,
-                log_every=100, **kw)
+    return {**dict(out=str(tmp_path / "run"), model=model, steps=2, eval_samples=2, eval_prompts="toy", threads=1,
+                   log_every=100), **kw}
 
 
 # --- tokenizer, batching, sampling ------------------------------------------------------------------------------
@@ -161,6 +161,25 @@ def test_tdpo_trainer(tmp_path, tiny_model):
     assert "eval" in res
 
 
+@pytest.fixture
+def digit_reward(monkeypatch):
+    mod = types.ModuleType("lm_test_scorers")
+    mod.first_digit = lambda p, y: float(y[0]) / 9 if y[:1].isdigit() else -1.0
+    monkeypatch.setitem(sys.modules, "lm_test_scorers", mod)
+    return "lm_test_scorers:first_digit"
+
+
+def test_fdpg_rlhf_target(tmp_path, tiny_model, digit_reward):
+    from fdistill.lm.trainers import train_fdpg
+
+    train_fdpg(FDPGConfig(**_common(tmp_path, tiny_model, samples_per_prompt=4, prompts_per_step=2, target="rlhf",
+                                    scorer=digit_reward, beta=0.5, eval_prompts="")), log=None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # a(x) exp(r/beta) has full support: every log Z is finite
+    state = json.loads((tmp_path / "run" / "fdpg_state.json").read_text())
+    assert all(math.isfinite(v) for v in state["log_z"].values()) and len(rows) == 2
+
+
 def test_fdpg_trainer(tmp_path, tiny_model):
     from fdistill.lm.trainers import train_fdpg
 
@@ -231,7 +250,9 @@ def test_tiny_demo(tmp_path):
     result = run_demo(cfg, log=None)
     table = result["table"]
     lines = table.splitlines()
-    assert len(lines) == 2 + 1 + 2 + 1 + 1 + 2
+    assert len(lines) == 2 + 2 + 2 + 1 + 1 + 2
+    ideal = result["rows"][0]
+    assert ideal["reward"] == 1.0 and 4 > ideal["distinct"] > 3.5  # 4 samples from >= 21 answers
     for needle in ("base model", "f-DPO | reverse_kl", "f-DPO | js", "TDPO2", "f-DPG", "GRPO (no KL)",
                    "DPH-RL | forward_kl", "pass@2"):
         assert needle in table, needle
@@ -242,3 +263,44 @@ def test_tiny_demo(tmp_path):
     stamp = (tmp_path / "demo" / "base" / "model.safetensors").stat().st_mtime_ns
     toy.ensure_base_model(tmp_path / "demo" / "base", steps=10, seed=0, log=None)
     assert (tmp_path / "demo" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_dpo_on_a_jsonl_with_an_hf_tokenizer(tmp_path):
+    """The non-toy path: a PreTrainedTokenizerFast (built offline) without bos or pad, a JSONL of pairs,
+    an empty prompt; the model folder is loaded with AutoTokenizer / AutoModelForCausalLM."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from fdistill.lm.data import encode_prompt, write_jsonl
+    from fdistill.lm.trainers import train_dpo
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1}
+    for c in "0123456789:abcdefghijklmnopqrstuvwxyz ?":
+        vocab.setdefault(c, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>")
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    # GPT-2's default dropout (0.1) stays in the config: the trainer must switch it off for the policy
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    loaded = load_tokenizer(str(model_dir))
+    assert not isinstance(loaded, CharTokenizer) and loaded.pad_token_id == loaded.eos_token_id == 1
+    assert encode_prompt(loaded, "") == [1]  # an empty prompt still gives the response a context token
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(data, [{"prompt": "what is 2 and 2? ", "chosen": "4", "rejected": "five"},
+                       {"prompt": "", "chosen": "hello", "rejected": "x"}] * 4)
+    res = train_dpo(DPOConfig(out=str(tmp_path / "run"), model=str(model_dir), data=str(data), steps=2,
+                              batch_size=4, eval_prompts="", threads=1, divergence="alpha:0.5"), log=None)
+    assert "eval" not in res
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert load_tokenizer(res["final"]).encode("ab") == loaded.encode("ab")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(ValueError, match="rejected"):
+        train_dpo(DPOConfig(out=str(tmp_path / "run2"), model=str(model_dir), data=str(bad), steps=1,
+                            eval_prompts="", threads=1), log=None)

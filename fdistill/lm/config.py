@@ -59,6 +59,8 @@ class LMBaseConfig:
     """``module:function`` giving the evaluation reward fn(prompt, response)."""
     threads: int = 0
     """torch CPU threads (0: leave torch's default). Tiny models run fastest with 1 on a busy machine."""
+    disable_dropout: bool = True
+    """Set the policy's dropout to 0 so its log-probs match the reference's and the samples' (as TRL does)."""
 
 
 @dataclass

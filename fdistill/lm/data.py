@@ -72,6 +72,17 @@ def load_callable(spec: str) -> Callable:
     return fn
 
 
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's special tokens. A response needs at least one token of context to be
+    scored, so an empty encoding (e.g. GPT-2's tokenizer on an empty prompt) becomes [bos] or, failing that,
+    [eos] (GPT-2's <|endoftext|> doubles as its bos)."""
+    ids = list(tok.encode(text, add_special_tokens=True))
+    if not ids:
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ids = [start]
+    return ids
+
+
 @dataclass
 class TokenizedPair:
     prompt: list[int]
@@ -91,7 +102,7 @@ def _fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[
 def tokenize_pairs(tok, rows: list[dict], max_length: int = 512) -> list[TokenizedPair]:
     out = []
     for r in rows:
-        p = list(tok.encode(r["prompt"], add_special_tokens=True))
+        p = encode_prompt(tok, r["prompt"])
         c = list(tok.encode(r["chosen"], add_special_tokens=False)) + [tok.eos_token_id]
         j = list(tok.encode(r["rejected"], add_special_tokens=False)) + [tok.eos_token_id]
         pc, c = _fit(p, c, max_length)

@@ -7,6 +7,7 @@ Everything runs on CPU in a few minutes; the pretrained base model is cached in 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,23 @@ def _row(method: str, divergence: str, ev: dict, seconds: float, k: int) -> dict
     if "near_perfect" in ev and ev["near_perfect"]:
         row["near_perfect_distinct"] = ev["near_perfect"]["distinct"]
     return row
+
+
+def _ideal_row(n: int, k: int) -> dict:
+    """The corpus's own answer distribution restricted to correct answers (uniform over a target's m answers),
+    which is also f-DPG's target p ~ a(y|x) 1[correct]: expected distinct answers among n samples is
+    m (1 - (1 - 1/m)^n), entropy log m. What full reward with full diversity looks like."""
+    def mean(fn):
+        return sum(fn(len(toy.solutions(t)), toy.is_clean(t)) for t in toy.TARGETS) / len(toy.TARGETS)
+
+    def group(clean):
+        ts = [t for t in toy.TARGETS if toy.is_clean(t) == clean]
+        return sum(len(toy.solutions(t)) * (1 - (1 - 1 / len(toy.solutions(t))) ** n) for t in ts) / len(ts)
+
+    distinct = mean(lambda m, _: m * (1 - (1 - 1 / m) ** n))
+    return {"method": "uniform over correct answers (reference point)", "divergence": "-", "reward": 1.0,
+            "distinct": distinct, "entropy": mean(lambda m, _: math.log(m)), f"pass@{k}": 1.0, "clean_reward": 1.0,
+            "clean_distinct": group(True), "noisy_reward": 1.0, "noisy_distinct": group(False), "seconds": 0.0}
 
 
 def format_table(rows: list[dict], k: int, n: int) -> str:
@@ -66,7 +84,7 @@ def run_demo(cfg: DemoConfig, log: Callable | None = print) -> dict:
               "noisy": [p for p in prompts if not toy.is_clean(toy.target_of(p))]}
     ev = evaluate_policy(load_causal_lm(str(base)), toy.tokenizer(), prompts, toy.verify, n=cfg.eval_samples,
                          k=cfg.pass_k, max_new_tokens=toy.MAX_NEW_TOKENS, groups=groups, seed=cfg.seed)
-    rows = [_row("base model (pretrained)", "-", ev, base_seconds, cfg.pass_k)]
+    rows = [_ideal_row(cfg.eval_samples, cfg.pass_k), _row("base model (pretrained)", "-", ev, base_seconds, cfg.pass_k)]
     say(f"[demo] base model: reward {ev['all']['reward']:.3f}, distinct {ev['all']['distinct']:.1f}")
 
     common = dict(model=str(base), seed=cfg.seed, eval_samples=cfg.eval_samples, eval_k=cfg.pass_k,

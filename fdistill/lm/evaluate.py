@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from fdistill.lm.data import encode_prompt
 from fdistill.lm.modeling import response_texts, sample, token_logps_of
 
 
@@ -32,7 +33,7 @@ def evaluate_policy(model, tok, prompts: list[str], verifier: Callable[[str, str
     was_training = model.training
     model.eval()
     per_prompt = {}
-    flat = [(p, tok.encode(p, add_special_tokens=True)) for p in prompts for _ in range(n)]
+    flat = [(p, encode_prompt(tok, p)) for p in prompts for _ in range(n)]
     texts, logps = [], []
     for start in range(0, len(flat), chunk):
         part = flat[start:start + chunk]

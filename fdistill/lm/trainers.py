@@ -23,7 +23,7 @@ import torch
 from fdistill.divergences import get_divergence
 from fdistill.lm import toy
 from fdistill.lm.config import DPHConfig, DPOConfig, FDPGConfig, LMBaseConfig, TDPOConfig, dump_yaml
-from fdistill.lm.data import load_callable, load_pairs, load_prompts, pair_batch, tokenize_pairs, write_jsonl
+from fdistill.lm.data import encode_prompt, load_callable, load_pairs, load_prompts, pair_batch, tokenize_pairs, write_jsonl
 from fdistill.lm.evaluate import evaluate_policy
 from fdistill.lm.losses import (LogZEstimator, MovingAverageBaseline, dph_penalty, f_dpo_loss, fdpg_loss,
                                 grpo_advantages, ppo_clip_loss, tdpo_loss, token_logps)
@@ -64,7 +64,14 @@ class _Run:
             self._log(msg)
 
     def load_policy(self):
-        return load_causal_lm(self.model_path).train()
+        model = load_causal_lm(self.model_path).train()
+        if self.cfg.disable_dropout:
+            # with dropout the policy's log-probs at initialisation differ from the reference's (f-DPO's loss would
+            # not start at log 2) and from those of the samples (PPO ratio != 1); TRL disables it for the same reason
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        return model
 
     def load_ref(self):
         return load_causal_lm(self.ref_path, dtype=self.cfg.ref_dtype, trainable=False).to(self.device)
@@ -236,7 +243,7 @@ def train_fdpg(cfg: FDPGConfig, log: Callable | None = print) -> dict:
     prompts = load_prompts(cfg.prompts)
     scorer = load_callable(cfg.scorer)
     tok = run.tok
-    prompt_ids = {p: tok.encode(p, add_special_tokens=True) for p in prompts}
+    prompt_ids = {p: encode_prompt(tok, p) for p in prompts}
     policy = run.prepare(run.load_policy())
     ref = run.load_ref()
     baseline = MovingAverageBaseline(cfg.baseline_window)
@@ -292,7 +299,7 @@ def presample_reference(ref, tok, prompts: list[str], k: int, verifier, max_new_
     rows, texts, lps = [], [], []
     for s in range(0, len(flat), chunk):
         part = flat[s:s + chunk]
-        b = sample(ref, [tok.encode(p, add_special_tokens=True) for p in part], max_new_tokens, tok.eos_token_id,
+        b = sample(ref, [encode_prompt(tok, p) for p in part], max_new_tokens, tok.eos_token_id,
                    tok.pad_token_id).to(device)
         texts += response_texts(tok, b)
         lps.append(token_logps_of(ref, b)[0].cpu())
@@ -324,7 +331,7 @@ def train_dph(cfg: DPHConfig, log: Callable | None = print) -> dict:
     prompts = load_prompts(cfg.prompts)
     verifier = load_callable(cfg.verifier)
     tok = run.tok
-    prompt_ids = {p: tok.encode(p, add_special_tokens=True) for p in prompts}
+    prompt_ids = {p: encode_prompt(tok, p) for p in prompts}
 
     ref = run.load_ref()
     pre = presample_reference(ref, tok, prompts, cfg.presample, verifier, cfg.max_new_tokens, run.device)
