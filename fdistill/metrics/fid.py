@@ -33,7 +33,7 @@ from cleanfid.fid import frechet_distance, get_batch_features, get_files_feature
 from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS
 
-from .inception import InceptionFeatures, load_inception
+from .inception import load_inception
 
 MODES = ("clean", "legacy_tensorflow")
 PAPER_NUM_SAMPLES = 50_000
