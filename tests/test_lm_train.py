@@ -109,6 +109,8 @@ def test_pass_at_k_matches_brute_force():
         subsets = list(combinations(range(n), k))
         brute = sum(any(items[i] for i in s) for s in subsets) / len(subsets)
         assert pass_at_k(n, c, k) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 0, 8)  # undefined, not 1
 
 
 def test_toy_verifier_and_pairs():

@@ -72,6 +72,8 @@ def run_demo(cfg: DemoConfig, log: Callable | None = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.yaml").write_text(dump_yaml(cfg))
+    if not 0 < cfg.pass_k <= cfg.eval_samples:
+        raise ValueError(f"pass_k ({cfg.pass_k}) must be between 1 and eval_samples ({cfg.eval_samples})")
     unknown = set(cfg.methods) - {"fdpo", "tdpo", "fdpg", "dph"}
     if unknown:
         raise ValueError(f"unknown demo method(s) {sorted(unknown)}; choose from fdpo, tdpo, fdpg, dph")

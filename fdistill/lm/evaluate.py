@@ -19,6 +19,9 @@ from fdistill.lm.modeling import response_texts, sample, token_logps_of
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k draws without replacement from n samples, c of them correct, is correct)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n, got k={k}, n={n}")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
@@ -28,7 +31,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate_policy(model, tok, prompts: list[str], verifier: Callable[[str, str], float], n: int = 32,
                     k: int = 8, max_new_tokens: int = 5, groups: dict[str, list[str]] | None = None,
                     seed: int = 1234, chunk: int = 512) -> dict:
-    """Metrics over all prompts, and per named group of prompts (e.g. near-perfect / exploration)."""
+    """Metrics over all prompts, and per named group of prompts (e.g. near-perfect / exploration).
+    k is capped at n (reported as ``out["k"]``)."""
+    k = min(k, n)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     was_training = model.training
     model.eval()
