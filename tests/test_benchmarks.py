@@ -1,0 +1,100 @@
+"""The benchmark scripts run on the tiny CPU configuration and report every field they promise.
+
+Timings are not checked (CPU load varies); the counted network calls are, since they are exact.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(out.read_text()), last
+
+
+PHASE_KEYS = {"time_s_median", "time_s_min", "time_s_max", "time_s_all", "images_per_s", "peak_mem_mb",
+              "peak_mem_kind", "calls", "denoiser_calls_per_iter"}
+NETS = {"generator", "teacher", "fake_score", "discriminator"}
+
+
+def test_step_benchmark_tiny(tmp_path):
+    r, summary = _run("step.py", "--config", "tiny", "--iters", "2", "--warmup", "1", "--repeats", "2",
+                      tmp_path=tmp_path, name="step")
+    assert r["complete"] and r["config"] == "tiny" and r["device"] == "cpu"
+    assert summary.startswith("[step] tiny") and summary == r["summary"]
+    for key in ("loadavg", "cpu_count"):
+        assert key in r["load_start"] and key in r["load_end"]
+    assert len(r["load_start"]["loadavg"]) == 3
+    s = r["settings"]
+    assert s["divergences"] == ["js", "reverse_kl"] and s["warmup"] == 1 and s["iters"] == 2 and s["repeats"] == 2
+    assert set(r["phases"]) == {"js", "reverse_kl"}
+    for div in ("js", "reverse_kl"):
+        for ph in ("generator", "critic"):
+            p = r["phases"][div][ph]
+            assert PHASE_KEYS <= set(p), PHASE_KEYS - set(p)
+            assert len(p["time_s_all"]) == 2 and p["time_s_min"] <= p["time_s_median"] <= p["time_s_max"]
+            assert p["time_s_median"] > 0 and p["images_per_s"] == pytest.approx(s["batch"] / p["time_s_median"])
+            assert p["peak_mem_mb"] > 0 and p["peak_mem_kind"] in ("cpu_rss", "cpu_ru_maxrss")
+            assert set(p["calls"]) >= NETS
+        assert r["phases"][div]["generator_step"]["critic_per_gen"] == s["critic_per_gen"]
+    assert r["generator"] == r["phases"]["js"]["generator"] and r["critic"] == r["phases"]["js"]["critic"]
+
+    # DESIGN.md: a generator iteration is one generator forward+backward, ONE teacher pass (score and features)
+    # with the gradient flowing back through it to x_t, one fake-score forward without backward
+    g = r["calls_per_iter"]["generator"]
+    assert {n: (g[n]["forward"], g[n]["backward"]) for n in NETS} == {
+        "generator": (1, 1), "teacher": (1, 1), "fake_score": (1, 0), "discriminator": (1, 1)}
+    assert g["teacher"]["modes"] == {"x0": 0, "features": 0, "both": 1} and not g["teacher"]["param_grads"]
+    # a critic iteration: generator without grad, fake score trained, teacher features of fake + real in one pass
+    c = r["calls_per_iter"]["critic"]
+    assert {n: (c[n]["forward"], c[n]["backward"]) for n in NETS} == {
+        "generator": (1, 0), "teacher": (1, 0), "fake_score": (1, 1), "discriminator": (1, 1)}
+    assert c["teacher"]["modes"]["features"] == 1 and c["teacher"]["rows"] == 2 * s["batch"]
+    assert r["phases"]["js"]["critic"]["denoiser_calls_per_iter"]["teacher"]["features"] == 1.0
+
+    ov = r["overhead"]
+    assert ov["divergence"] == "js" and ov["baseline"] == "reverse_kl"
+    for key in ("generator_time_ratio", "critic_time_ratio", "generator_step_time_ratio",
+                "generator_time_ratio_paired_median", "weighting_fraction_of_generator_iter"):
+        assert isinstance(ov[key], float)
+    assert set(ov["weighting_us"]) == {"js", "reverse_kl"}
+    assert r["flops_per_iter"]["generator"] > 0 and r["flops_per_iter"]["critic"] > 0
+    assert r["host_syncs_per_iter"] == {"generator": None, "critic": None}  # CUDA only
+
+
+def test_sampling_benchmark_tiny(tmp_path):
+    r, summary = _run("sampling.py", "--config", "tiny", "--steps", "4", "--repeats", "2",
+                      tmp_path=tmp_path, name="sampling")
+    assert summary.startswith("[sampling] tiny") and summary == r["summary"]
+    assert r["student"]["nfe"] == 1 and r["teacher"]["nfe"] == 7 and r["nfe_ratio"] == 7
+    assert r["teacher"]["calls_counted"]["x0"] == 7  # Heun: 2 * steps - 1 teacher evaluations
+    for who in ("student", "teacher"):
+        assert r[who]["images_per_s"] > 0 and len(r[who]["seconds_per_image_all"]) == 2
+        assert r[who]["peak_mem_mb"] > 0
+    assert r["speedup"] == pytest.approx(r["student"]["images_per_s"] / r["teacher"]["images_per_s"])
+    assert len(r["load_start"]["loadavg"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["imagenet64", "sd15"])
+def test_step_benchmark_fullsize_code_paths_at_toy_width(tmp_path, config):
+    """What benchmarks/gpu.sh runs, at toy widths on the CPU (ADM blocks; SD with CFG, R1 and checkpointing)."""
+    r, _ = _run("step.py", "--config", config, "--tiny", "--batch", "2", "--iters", "1", "--warmup", "1",
+                "--repeats", "1", tmp_path=tmp_path, name=config)
+    assert r["complete"] and r["config"] == f"{config}-tiny"
+    if config == "sd15":
+        # CFG: conditional and unconditional halves in one batched teacher pass
+        assert r["calls_per_iter"]["generator"]["teacher"]["rows"] == 4
+        assert r["settings"]["grad_ckpt"] and r["settings"]["r1_gamma"] == 1.0
