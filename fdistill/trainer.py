@@ -231,6 +231,11 @@ def distill(cfg: DistillConfig) -> dict:
         pbar.close()
     elapsed = time.time() - t0
 
+    if os.environ.get("FDISTILL_TEST_DUMP_RANKS"):  # tests: every process's final generator, to compare ranks
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in unwrap(generator).state_dict().items()},
+                  str(run_dir / f"rank{rank}_generator.safetensors"))
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
               "sec_per_gen_step": elapsed / max(1, state["gen_step"] - steps_at_t0)}
     if is_main and task.evaluate is not None:

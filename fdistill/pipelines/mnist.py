@@ -149,7 +149,8 @@ def train_teacher(out_dir: str | Path, steps: int = 4000, batch_size: int = 128,
 
 DEFAULTS = {
     "teacher_dtype": "float32",
-    "eval_samples": 500,  # images for the student's FID (the teacher's figures use 500 as well)
+    "eval_samples": 500,  # images for the student's FID (the teacher's figures use 500 as well); 0 = no FID
+    "grid_samples": 100,  # images in samples.png (teacher and student) and in the sampling-speed measurement
 }
 
 
@@ -189,7 +190,7 @@ def build(cfg, device) -> Task:
             from .mnist_demo import evaluate_mnist
 
             return evaluate_mnist(gen, teacher, meta, Path(run_dir), res, device, num_fid=t["eval_samples"],
-                                  progress=cfg.log.progress)
+                                  progress=cfg.log.progress, n_grid=t["grid_samples"], teacher_dir=cfg.teacher)
         labels = torch.arange(100, device=device) % NUM_CLASSES
         z = per_image_latents(range(100), (1, res, res), device)
         with torch.no_grad():

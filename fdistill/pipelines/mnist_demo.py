@@ -85,14 +85,13 @@ def teacher_assets(teacher_dir: Path = TEACHER_DIR, progress=True) -> dict:
 
 
 def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, device="cpu",
-                   num_fid: int = FID_SAMPLES, progress=True) -> dict:
+                   num_fid: int = FID_SAMPLES, progress=True, n_grid: int = 100, teacher_dir=None) -> dict:
     """The demo's metrics.json figures and samples.png (teacher multi-step | student one-step, same labels)."""
     from ..sampling import edm_nfe, edm_sample, save_grid
 
     gen.eval()
     teacher.eval()
-    # sample grid and sampling speed on the same 100 latents and labels
-    n_grid = 100
+    # sample grid and sampling speed on the same latents and labels
     t0 = time.perf_counter()
     x_teacher = generate(lambda z, y: edm_sample(teacher, z, y, TEACHER_STEPS), n_grid, res, n_grid, device)
     t_teacher = time.perf_counter() - t0
@@ -105,7 +104,9 @@ def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, de
            "sampling_speedup": round(t_teacher / max(t_student, 1e-9), 1),
            "sampling_images": n_grid, "teacher_sampling_sec": round(t_teacher, 3),
            "student_sampling_sec": round(t_student, 4)}
-    ref = reference_features(TEACHER_DIR if not teacher_meta.get("_dir") else teacher_meta["_dir"])
+    if num_fid <= 0:  # FID switched off (task.eval_samples=0)
+        return out
+    ref = reference_features(Path(teacher_dir) if teacher_dir else TEACHER_DIR)
     xs = generate(lambda z, y: gen(z, y), num_fid, res, 100, device)
     out["fid_student"] = round(fid_against_reference(xs, ref, progress), 3)
     out["fid_num_samples"] = num_fid
