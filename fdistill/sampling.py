@@ -597,6 +597,12 @@ def sample(a) -> dict:
 
     out = {"source": src.info.get("source"), "weights": src.info.get("weights"), "num": n,
            "generated_now": len(todo), "seeds": f"{seeds[0]}..{seeds[-1]}" if n > 1 else str(seeds[0])}
+    if a.grid:
+        k = min(n, a.grid_max)
+        save_grid(_u8_to_float(images(0, k)), a.grid, nrow=min(a.nrow, k))
+        out["grid"] = str(a.grid)
+        if store is None and n > k:
+            out["note"] = f"the grid shows the first {k} of {n} images (--grid-max); nothing else was written"
     if a.npz:
         shape = images(0, 1).shape[1:]
         extra = {"seeds": np.asarray(seeds, dtype=np.int64), **_record_arrays(records)}
@@ -605,12 +611,6 @@ def sample(a) -> dict:
         if not a.outdir:  # the staging chunks are now in the npz
             import shutil
             shutil.rmtree(store.root, ignore_errors=True)
-    if a.grid:
-        k = min(n, a.grid_max)
-        save_grid(_u8_to_float(images(0, k)), a.grid, nrow=min(a.nrow, k))
-        out["grid"] = str(a.grid)
-        if store is None and n > k:
-            out["note"] = f"the grid shows the first {k} of {n} images (--grid-max); nothing else was written"
     if a.outdir:
         out["outdir"] = str(a.outdir)
     return out

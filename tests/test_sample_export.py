@@ -183,7 +183,7 @@ def test_npz_format_and_resume_of_an_interrupted_run(mnist_run, tmp_path, monkey
 
         def generate(seeds, records):
             calls.append(list(seeds))
-            if len(calls) == 3:
+            if calls == [[0, 1], [2, 3], [4, 5]]:
                 raise KeyboardInterrupt
             return gen(seeds, records)
         src.generate = generate
@@ -194,10 +194,10 @@ def test_npz_format_and_resume_of_an_interrupted_run(mnist_run, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         sampling.main([str(run), "--num", "7", "--labels", "0-9", "--batch", "2", "--npz", str(npz), "--quiet"])
     assert not npz.exists() and len(list(Path(str(npz) + ".parts").glob("chunk-*.npz"))) == 2
-    monkeypatch.setattr(sampling, "open_source", real_open)
     calls.clear()
     assert sampling.main([str(run), "--num", "7", "--labels", "0-9", "--batch", "2", "--npz", str(npz),
-                          "--quiet"]) == 0
+                          "--grid", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert calls == [[4, 5], [6]] and (tmp_path / "g.png").is_file()
     part = np.load(npz)
     assert part["seeds"].tolist() == list(range(7)) and part["labels"].tolist() == list(range(7))
     assert np.abs(part["arr_0"].astype(int) - full["arr_0"].astype(int)).max() <= 1
@@ -266,6 +266,32 @@ def test_export_round_trip_gives_the_checkpoint_images(image_run, root, tmp_path
         assert sample(src, "--num", 5, "--batch", 5, "--npz", tmp_path / name) == 0
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    # the pipeline's own label draw for seeds (class_labels=None) is the command's default ('random')
+    x = pipe(seeds=range(5), output_type="raw").images
+    assert np.array_equal(to_uint8(x).numpy(), a["arr_0"])
+
+
+def test_unconditional_pipeline_round_trip(tmp_path):
+    from diffusers import UNet2DModel
+
+    from fdistill.export import EDMOneStepScheduler, OneStepPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    pipe = OneStepPipeline(unet=unet, scheduler=EDMOneStepScheduler(sigma_max=80.0, sigma_data=0.5))
+    pipe.save_pretrained(tmp_path / "p")
+    back = OneStepPipeline.from_pretrained(tmp_path / "p")
+    x = back(seeds=[7, 8], output_type="raw").images
+    assert x.shape == (2, 3, 8, 8) and torch.equal(x, pipe(seeds=[7, 8], output_type="raw").images)
+    torch.testing.assert_close(pipe(seeds=[8], output_type="raw").images, x[1:], rtol=0, atol=1e-5)
+    g = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    assert torch.equal(pipe(generator=g, output_type="raw").images, x)  # diffusers' one-generator-per-image form
+    np_img = pipe(seeds=[7], output_type="np").images
+    assert np_img.shape == (1, 8, 8, 3) and np_img.min() >= 0 and np_img.max() <= 1
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe(class_labels=[1], seeds=[0])
 
 
 def test_export_mnist_generator_weights_and_force(mnist_run, tmp_path, capsys):
@@ -307,3 +333,53 @@ def test_export_errors_name_the_problem(mnist_run, root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not fit" in err and "--teacher" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stable Diffusion: a coco_t2i checkpoint -> stock StableDiffusionPipeline folder; prompts
+
+
+@pytest.fixture(scope="module")
+def sd_run(root):
+    """A tiny SD teacher (tests/test_coco_t2i.py's) and a coco_t2i checkpoint holding a perturbed copy of its UNet
+    under the generator's key names."""
+    import sys
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_coco_t2i import make_tiny_sd
+
+    teacher = make_tiny_sd(root / "sd_teacher")
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    torch.manual_seed(3)
+    ckpt = root / "sd_run" / "ckpt-00000001"
+    ckpt.mkdir(parents=True)
+    save_file({f"denoiser.backbone.{k}": (v + 0.05 * torch.randn_like(v)).contiguous()
+               for k, v in unet.state_dict().items()}, str(ckpt / "generator.safetensors"))
+    cfg = {"pipeline": "coco_t2i", "teacher": str(teacher), "divergence": "js", "ema": [],
+           "task": {"generator_timestep": 999, "guidance_scale": 1.75}}
+    (ckpt / "meta.json").write_text(json.dumps({"gen_step": 1, "images_seen": 2, "config": cfg}))
+    return ckpt.parent
+
+
+def test_sd_export_is_a_stock_pipeline_and_samples_match_the_checkpoint(sd_run, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "sd_export"
+    assert cli(["export", str(sd_run), str(out)]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert isinstance(StableDiffusionPipeline.from_pretrained(out, local_files_only=True), StableDiffusionPipeline)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bus\na cat on a sofa\n")
+    capsys.readouterr()
+    assert sample(out, "--prompts", prompts, "--num", 3, "--batch", 1, "--npz", tmp_path / "a.npz") == 0
+    assert sample(sd_run, "--prompts", prompts, "--num", 3, "--batch", 3, "--npz", tmp_path / "b.npz") == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["arr_0"].shape == (3, 16, 16, 3) and a["prompts"].tolist() == ["a red bus", "a cat on a sofa",
+                                                                            "a red bus"]
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+    assert sample(out, "--num", 2, "--grid", tmp_path / "g.png") == 2
+    assert "--prompts" in capsys.readouterr().err
