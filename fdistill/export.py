@@ -153,6 +153,8 @@ def _define_classes():
             elif class_labels is None:
                 if seeds is not None:
                     labels = per_image_random_labels(seeds, shape, k)
+                elif isinstance(generator, (list, tuple)):  # each image's generator, after its latent
+                    labels = torch.stack([torch.randint(0, k, (), generator=g, device=g.device) for g in generator])
                 else:
                     g = generator if isinstance(generator, torch.Generator) else None
                     labels = torch.randint(0, k, (n,), generator=g, device=g.device if g is not None else "cpu")
@@ -163,7 +165,8 @@ def _define_classes():
                 if labels.numel() != n:
                     raise ValueError(f"{labels.numel()} class labels for {n} images")
                 if bool(((labels < 0) | (labels >= k)).any()):
-                    raise ValueError(f"class labels must lie in [0, {k}), got {labels.tolist()}")
+                    bad = labels[(labels < 0) | (labels >= k)].tolist()
+                    raise ValueError(f"class labels must lie in [0, {k}), got {bad[:5]}")
             dev = self.unet.device
             x = self.generator_module()(latents.to(dev, torch.float32),
                                         None if labels is None else labels.to(dev)).float()
@@ -253,11 +256,9 @@ def generator_state_dict(ckpt: Path, name: str) -> dict:
         sd = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt; use another checkpoint") from None
-    out = {}
-    for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        if k.startswith(_MARKER):
-            out[k[len(_MARKER):]] = v
+    # Whatever wraps the generator ('module.' of an AveragedModel or DDP, '_orig_mod.' of torch.compile), its
+    # UNet's keys follow the marker.
+    out = {k.split(_MARKER, 1)[1]: v for k, v in sd.items() if _MARKER in k}
     if not out:
         raise CheckpointError(f"{path} holds no generator UNet weights (keys '{_MARKER}*' or "
                               f"'module.{_MARKER}*'); its first keys: {list(sd)[:4]}")

@@ -171,6 +171,8 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p = Path(source)
     if (p / "model_index.json").is_file():
+        if which != "ema" or teacher is not None:
+            raise ValueError(f"{p} is an exported folder: --which and --teacher apply to checkpoints only")
         cls = json.loads((p / "model_index.json").read_text()).get("_class_name")
         meta_path = p / ex.EXPORT_META
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -526,6 +528,8 @@ def _plan(a, src: SampleSource) -> tuple[list[int], list[dict]]:
         raise ValueError("--balanced and --labels both given")
     k = src.num_classes
     if prompts:
+        if spec is not None:
+            raise ValueError("--labels/--balanced are for class-conditional generators, not text-to-image ones")
         return seeds, [{"prompt": prompts[i % len(prompts)]} for i in range(n)]
     if not k:
         if spec is not None:

@@ -266,9 +266,12 @@ def test_export_round_trip_gives_the_checkpoint_images(image_run, root, tmp_path
         assert sample(src, "--num", 5, "--batch", 5, "--npz", tmp_path / name) == 0
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
-    # the pipeline's own label draw for seeds (class_labels=None) is the command's default ('random')
+    # the pipeline's own label draw for seeds (class_labels=None) is the command's default ('random'), and so is
+    # diffusers' form with one generator per image
     x = pipe(seeds=range(5), output_type="raw").images
     assert np.array_equal(to_uint8(x).numpy(), a["arr_0"])
+    g = [torch.Generator().manual_seed(s) for s in range(5)]
+    assert torch.equal(pipe(generator=g, output_type="raw").images, x)
 
 
 def test_unconditional_pipeline_round_trip(tmp_path):
