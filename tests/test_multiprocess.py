@@ -34,7 +34,7 @@ def _same_on_both_ranks(out):
 
 def test_toy_two_processes_keep_ranks_identical(tmp_path):
     out = tmp_path / "toy"
-    r = _launch(ROOT / "configs/toy2d.yaml", out, "steps=4", "batch_size=32", "task.hidden=32",
+    r = _launch(ROOT / "configs/toy2d.yaml", out, "steps=4", "batch_size=32", "task.hidden=32", "task.fake_hidden=32",
                 "task.eval_samples=1000", "log.every=2", "schedule.critic_per_gen=2")
     assert r.returncode == 0, r.stderr[-4000:]
     params = _same_on_both_ranks(out)

@@ -14,7 +14,7 @@ from fdistill.cli import main as cli_main
 from fdistill.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["batch_size=64", "task.hidden=32", "task.eval_samples=2000", "task.kde_samples=256", "log.every=5",
+SMALL = ["batch_size=64", "task.hidden=32", "task.fake_hidden=32", "task.eval_samples=2000", "task.kde_samples=256", "log.every=5",
          "log.progress=false", "schedule.critic_per_gen=2"]
 
 

@@ -31,7 +31,9 @@ DEFAULTS = {
     "sigma_min": 0.05,
     "sigma_max": 8.0,
     "latent_dim": 8,
-    "hidden": 256,
+    "hidden": 256,        # generator MLP width
+    "fake_hidden": 256,   # fake-score MLP width: it must resolve the student's modes at low sigma
+    "fake_depth": 4,
     "eval_samples": 20000,
     "kde_samples": 4096,
     "kde_bandwidth": 0.1,
@@ -143,7 +145,7 @@ def build(cfg, device) -> Task:
     sd = float(t["radius"])  # data scale for the preconditioning
     teacher = GMMDenoiser(gmm, feature_scale=sd)
     generator = MLPGenerator(t["latent_dim"], 2, t["hidden"], depth=4)
-    fake = EDMPrecondMLP(MLPBackbone(2, t["hidden"] // 2, depth=3), sigma_data=sd)
+    fake = EDMPrecondMLP(MLPBackbone(2, t["fake_hidden"], depth=t["fake_depth"]), sigma_data=sd)
     disc = Discriminator([MLPHead(3, 128)])
     schedule = NoiseSchedule.continuous(t["sigma_min"], t["sigma_max"])
 
