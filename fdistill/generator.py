@@ -51,7 +51,11 @@ class MLPGenerator(nn.Module):
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / accelerate wrapper."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+    """The module inside DistributedDataParallel / accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        elif hasattr(module, "module"):
+            module = module.module
+        else:
+            return module

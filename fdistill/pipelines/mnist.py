@@ -160,14 +160,14 @@ def build(cfg, device) -> Task:
     t = check_task_keys(cfg.task, DEFAULTS, "mnist")
     teacher, meta = load_teacher(cfg.teacher)
     freeze(teacher)
-    if t["teacher_dtype"] == "bfloat16":
-        teacher.unet.to(torch.bfloat16)
     res = meta.get("resolution", RESOLUTION)
-    # Generator and fake score start as copies of the teacher (paper, s.4).
+    # Generator and fake score start as fp32 copies of the teacher (paper, s.4), taken before any cast.
     gen_den = copy.deepcopy(teacher).float().requires_grad_(True).train()
     fake = copy.deepcopy(teacher).float().requires_grad_(True).train()
-    sigma_max = cfg.noise.sigma_max
-    generator = OneStepGenerator(gen_den, sigma_max, (1, res, res))
+    if t["teacher_dtype"] == "bfloat16":
+        teacher.unet.to(torch.bfloat16)
+    sigma_g = cfg.noise.generator_sigma or cfg.noise.sigma_max  # EDM: G(z) = D(80 z, 80)
+    generator = OneStepGenerator(gen_den, sigma_g, (1, res, res))
     with torch.no_grad():
         probe = teacher(torch.zeros(1, 1, res, res), torch.ones(1), torch.zeros(1, dtype=torch.long), mode="features")
     disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
