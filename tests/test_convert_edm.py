@@ -7,7 +7,6 @@ ADM's math from those names is the reference the converted UNet is checked again
 """
 
 import contextlib
-import json
 import math
 import os
 import pickle

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from fdistill.lm.data import encode_prompt, load_callable, load_pairs, load_prom
 from fdistill.lm.evaluate import evaluate_policy
 from fdistill.lm.losses import (LogZEstimator, MovingAverageBaseline, dph_penalty, f_dpo_loss, fdpg_loss,
                                 grpo_advantages, ppo_clip_loss, tdpo_loss, token_logps)
-from fdistill.lm.modeling import (SeqBatch, build_batch, forward_logits, load_causal_lm, response_texts, sample,
+from fdistill.lm.modeling import (SeqBatch, forward_logits, load_causal_lm, response_texts, sample,
                                   token_logps_of)
 from fdistill.lm.tokenizer import load_tokenizer
 

