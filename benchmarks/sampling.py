@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import step as stepbench  # noqa: E402  (benchmarks/step.py: builders, memory probe, environment)
 
+T0 = time.perf_counter()  # --deadline-s counts from here
 TEACHER_STEPS = {"tiny": 18, "mnist": 18, "imagenet64": 40, "sd15": 25}
 DEFAULT_BATCH = {"tiny": 8, "mnist": 100, "imagenet64": 64, "sd15": 16}
 
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="skip repeats that would end later than this many seconds after the start (at least one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*")
@@ -119,7 +122,11 @@ def main(argv=None) -> dict:
             teacher_run()
         per_img = {"student": [], "teacher": []}
         peaks = {"student": [], "teacher": []}
+        t_rep = time.perf_counter()
         for r in range(a.repeats):
+            if r and a.deadline_s and (time.perf_counter() - T0) + (time.perf_counter() - t_rep) / r > a.deadline_s:
+                print(f"[sampling] deadline: stopping after {r} of {a.repeats} repeats", flush=True)
+                break
             for name in (("student", "teacher") if r % 2 == 0 else ("teacher", "student")):
                 if name == "student":
                     s, pk = timed(student, B * student_iters)
@@ -136,6 +143,7 @@ def main(argv=None) -> dict:
     out["teacher"].update(num_steps=steps, calls_counted=counted)
     res.update(settings={"batch": B, "amp": amp, "channels_last": a.channels_last, "teacher_steps": steps,
                          "student_iters_per_block": student_iters, "warmup": a.warmup, "repeats": a.repeats,
+                         "repeats_done": len(per_img["student"]),
                          "teacher_dtype": str(next(stepbench.backbone(teacher).parameters()).dtype).replace(
                              "torch.", "")},
                student=out["student"], teacher=out["teacher"],

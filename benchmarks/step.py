@@ -30,7 +30,6 @@ import copy
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -43,11 +42,11 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+_T0 = time.perf_counter()  # --deadline-s counts from here
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
@@ -367,19 +366,25 @@ class Runner:
         ema = cfg.ema if a.ema else []
         self.emas = [AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
                      for d in ema]
-        self.gen_mod, self.fake_mod = self.generator, self.fake
-        if a.compile:
-            self.gen_mod, self.fake_mod = torch.compile(self.generator), torch.compile(self.fake)
-        self.objectives = {}
-        for name in divergences:
-            ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
-            self.objectives[name] = FDistill(self.gen_mod, self.teacher, self.fake_mod, self.disc,
-                                             get_divergence(name), ratio, task.schedule, cfg.objective)
+        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
+                       for name in divergences}
+        self._fdistill, self._get_divergence = FDistill, get_divergence
+        self._make_objectives(self.generator, self.fake)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 1)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if a.amp == "bf16"
                          else contextlib.nullcontext())
         self.log_buf: list[torch.Tensor] = []
         self.channels_last = a.channels_last
+
+    def _make_objectives(self, gen, fake):
+        self.objectives = {name: self._fdistill(gen, self.teacher, fake, self.disc, self._get_divergence(name), r,
+                                                self.task.schedule, self.cfg.objective)
+                           for name, r in self.ratios.items()}
+
+    def enable_compile(self):
+        """torch.compile generator and fake score, as the trainer does (after the eager counting passes: hooks
+        and FlopCounterMode see the eager modules)."""
+        self._make_objectives(torch.compile(self.generator), torch.compile(self.fake))
 
     def _latents(self):
         z = self.generator.sample_latents(self.B, self.rng, self.device)
@@ -389,7 +394,14 @@ class Runner:
         # the trainer's record(): detached scalars kept on the device until a logging interval
         self.log_buf.extend(v.detach().float().reshape(()) for v in logs.values())
 
+    def _maybe_oom(self):
+        # --simulate-oom-above: lets the batch search and its fallbacks be tested where nothing runs out of memory
+        lim = self.a.simulate_oom_above
+        if lim and self.B > lim:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated above batch {lim})")
+
     def critic(self, div):
+        self._maybe_oom()
         t, B = self.task, self.B
         z = self._latents()
         cond = t.sample_cond(B, self.rng, self.device)
@@ -406,6 +418,7 @@ class Runner:
             loss.item()
 
     def generator_iter(self, div):
+        self._maybe_oom()
         t, B = self.task, self.B
         z = self._latents()
         cond = t.sample_cond(B, self.rng, self.device)
@@ -493,18 +506,29 @@ def count_calls(runner, task, phase, div) -> dict:
     return res
 
 
-def count_flops(runner, phase, div) -> int | None:
+def count_flops(runner, phase, div, small: int = 4) -> int | None:
+    """Model FLOPs of one iteration at the running batch (torch's FlopCounterMode: matmuls, convolutions,
+    attention; forward and backward). Counted at a small batch without checkpointing and scaled: every counted
+    op is per sample, so the count is exactly linear in the batch, and checkpointing's recomputation (hardware
+    FLOPs, not model FLOPs) stays out."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
         return None
-    fc = FlopCounterMode(display=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with fc:
-            runner.phase(phase)(div)
-    sync(runner.device)
-    return int(fc.get_total_flops())
+    B = runner.B
+    runner.B = b = min(B, small)
+    set_grad_ckpt(runner.task, False)
+    try:
+        fc = FlopCounterMode(display=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fc:
+                runner.phase(phase)(div)
+        sync(runner.device)
+    finally:
+        runner.B = B
+        set_grad_ckpt(runner.task, runner.grad_ckpt)
+    return int(fc.get_total_flops()) * B // b
 
 
 def find_syncs(runner, phase, div) -> dict | None:
@@ -623,17 +647,79 @@ def apply_speed_options(task, a):
             m.to(memory_format=torch.channels_last)
 
 
-def enable_grad_ckpt(task):
-    for net in (task.generator, task.fake_score):
-        for m in net.modules():
-            if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "config"):
-                m.enable_gradient_checkpointing()
-
-
 def summarize(times, peaks, B, mem_kind) -> dict:
     med = statistics.median(times)
     return {"time_s_median": med, "time_s_min": min(times), "time_s_max": max(times), "time_s_all": times,
             "images_per_s": B / med, "peak_mem_mb": round(max(peaks) / 2 ** 20, 1), "peak_mem_kind": mem_kind}
+
+
+def set_grad_ckpt(task, on: bool):
+    """Gradient checkpointing of the trainable UNets, as the trainer enables it (diffusers' block-level switch)."""
+    for net in (task.generator, task.fake_score):
+        for m in net.modules():
+            if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "config"):
+                m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
+
+
+def measure(runner, task, a, divs, result, write, t_start):
+    """Counting passes, warm-up and the interleaved timed blocks at batch runner.B; fills result."""
+    device, B, k = runner.device, runner.B, result["settings"]["critic_per_gen"]
+    # counting passes (eager): FLOPs, network calls, host-device syncs; untimed
+    if a.flops:
+        result["flops_per_iter"] = {ph: count_flops(runner, ph, divs[0]) for ph in ("generator", "critic")}
+    result["calls_per_iter"] = {ph: count_calls(runner, task, ph, divs[0]) for ph in ("generator", "critic")}
+    result["host_syncs_per_iter"] = {ph: find_syncs(runner, ph, divs[0]) for ph in ("generator", "critic")}
+    free(runner)
+    write()
+    if a.compile:
+        runner.enable_compile()
+
+    # warm-up (compilation, allocator, autotuning), then interleaved timed blocks
+    t_w = time.perf_counter()
+    for div in divs:
+        for _ in range(a.warmup):
+            runner.critic(div)
+            runner.generator_iter(div)
+    sync(device)
+    result["warmup_s"] = round(time.perf_counter() - t_w, 2)
+    rss_base = rss_mb()
+    times = {d: {"generator": [], "critic": []} for d in divs}
+    peaks = {d: {"generator": [], "critic": []} for d in divs}
+    dcalls = {d: {} for d in divs}
+    mem_kind = PeakMemory(device).kind
+    t_rep = time.perf_counter()
+    for r in range(a.repeats):
+        if r and a.deadline_s and (time.perf_counter() - t_start) + (time.perf_counter() - t_rep) / r > a.deadline_s:
+            print(f"[step] deadline: stopping after {r} of {a.repeats} repeats", flush=True)
+            break
+        order = divs if r % 2 == 0 else divs[::-1]  # alternate who goes first
+        for div in order:
+            for ph in ("generator", "critic"):
+                dt, pk, calls = time_block(runner, ph, div, a.iters)
+                times[div][ph].append(dt)
+                peaks[div][ph].append(pk)
+                dcalls[div][ph] = calls
+    result["settings"]["repeats_done"] = len(times[divs[0]]["generator"])
+    phases = {}
+    for div in divs:
+        phases[div] = {}
+        for ph in ("generator", "critic"):
+            s = summarize(times[div][ph], peaks[div][ph], B, mem_kind)
+            if device.type == "cpu":
+                s["peak_mem_above_base_mb"] = round(s["peak_mem_mb"] - rss_base, 1)
+            s["denoiser_calls_per_iter"] = dcalls[div][ph]
+            s["calls"] = result["calls_per_iter"][ph]
+            phases[div][ph] = s
+        g, c = phases[div]["generator"]["time_s_median"], phases[div]["critic"]["time_s_median"]
+        # one generator update of the dmd2 scheme = k critic iterations + 1 generator iteration
+        phases[div]["generator_step"] = {"time_s": g + k * c, "images_per_s": B / (g + k * c),
+                                         "critic_per_gen": k}
+    result["phases"] = phases
+    result["generator"], result["critic"] = phases[divs[0]]["generator"], phases[divs[0]]["critic"]
+    if device.type == "cpu":
+        result["rss_base_mb"] = round(rss_base, 1)
+    result["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["_times"] = times
 
 
 def parse_args(argv=None):
@@ -664,6 +750,11 @@ def parse_args(argv=None):
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: bf16 datasheet of the GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="skip the timed repeats that would end later than this many seconds after the start "
+                        "(at least one runs; the JSON says how many did)")
+    p.add_argument("--simulate-oom-above", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--simulate-oom-after-search", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file (default: stdout)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. objective.r1_gamma=0)")
@@ -702,7 +793,8 @@ def main(argv=None) -> dict:
     result["build_s"] = round(time.perf_counter() - t0, 2)
     grad_ckpt = cfg.gradient_checkpointing if a.grad_ckpt == "config" else a.grad_ckpt == "on"
     apply_speed_options(task, a)
-    auto = a.batch == "auto" and device.type == "cuda"  # on a CPU nothing runs out of memory: the config's batch
+    # on a CPU nothing runs out of memory (it swaps): the config's batch, unless an OOM is simulated
+    auto = a.batch == "auto" and (device.type == "cuda" or a.simulate_oom_above is not None)
     a.batch = int(a.batch) if a.batch not in (None, "auto") else cfg.batch_size
     divs = [a.divergence] + ([a.baseline] if a.baseline and a.baseline != a.divergence else [])
     k = max(1, cfg.schedule.critic_per_gen)
@@ -718,6 +810,8 @@ def main(argv=None) -> dict:
         "warmup": a.warmup, "iters": a.iters, "repeats": a.repeats}
     result["params"] = {n: n_params(m) for n, m in networks(task).items()}
     runner = Runner(task, cfg, divs, device, a)
+    runner.grad_ckpt = grad_ckpt
+    set_grad_ckpt(task, grad_ckpt)  # before the batch search: it decides what fits
     print(f"[step] {result['config']} on {result['device_name']}: built in {result['build_s']} s, params "
           f"{ {n: round(v / 1e6, 2) for n, v in result['params'].items()} } M", flush=True)
 
@@ -727,59 +821,26 @@ def main(argv=None) -> dict:
         result["batch_search"] = trials
         result["settings"]["batch"] = a.batch
         write()
-    B = runner.B = a.batch
-
-    # counting passes, eager and before checkpointing: FLOPs are the model's, without recomputation
-    if a.flops:
-        result["flops_per_iter"] = {ph: count_flops(runner, ph, divs[0]) for ph in ("generator", "critic")}
-    result["calls_per_iter"] = {ph: count_calls(runner, task, ph, divs[0]) for ph in ("generator", "critic")}
-    result["host_syncs_per_iter"] = {ph: find_syncs(runner, ph, divs[0]) for ph in ("generator", "critic")}
-    free(runner)
-    if grad_ckpt:
-        enable_grad_ckpt(task)
-    write()
-
-    # warm-up (compilation, allocator, autotuning), then interleaved timed blocks
-    t_w = time.perf_counter()
-    for div in divs:
-        for _ in range(a.warmup):
-            runner.critic(div)
-            runner.generator_iter(div)
-    sync(device)
-    result["warmup_s"] = round(time.perf_counter() - t_w, 2)
-    rss_base = rss_mb()
-    times = {d: {"generator": [], "critic": []} for d in divs}
-    peaks = {d: {"generator": [], "critic": []} for d in divs}
-    dcalls = {d: {} for d in divs}
-    mem_kind = "cuda_max_allocated" if device.type == "cuda" else PeakMemory(device).kind
-    for r in range(a.repeats):
-        order = divs if r % 2 == 0 else divs[::-1]  # alternate who goes first
-        for div in order:
-            for ph in ("generator", "critic"):
-                dt, pk, calls = time_block(runner, ph, div, a.iters)
-                times[div][ph].append(dt)
-                peaks[div][ph].append(pk)
-                dcalls[div][ph] = calls
-    if device.type == "cpu":
-        mem_kind = PeakMemory(device).kind
-    phases = {}
-    for div in divs:
-        phases[div] = {}
-        for ph in ("generator", "critic"):
-            s = summarize(times[div][ph], peaks[div][ph], B, mem_kind)
-            s["denoiser_calls_per_iter"] = dcalls[div][ph]
-            s["calls"] = result["calls_per_iter"][ph]
-            phases[div][ph] = s
-        g, c = phases[div]["generator"]["time_s_median"], phases[div]["critic"]["time_s_median"]
-        # one generator update of the dmd2 scheme = k critic iterations + 1 generator iteration
-        phases[div]["generator_step"] = {"time_s": g + k * c, "images_per_s": B / (g + k * c),
-                                         "critic_per_gen": k}
-    result["phases"] = phases
-    result["generator"], result["critic"] = phases[divs[0]]["generator"], phases[divs[0]]["critic"]
-    if device.type == "cpu":
-        result["rss_base_mb"] = round(rss_base, 1)
-    result["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
+        if a.simulate_oom_after_search:  # test: the measurement then fails at the searched batch
+            a.simulate_oom_above = a.simulate_oom_after_search
+    cands = sorted(int(x) for x in a.batches.split(","))
+    while True:
+        try:
+            measure(runner, task, a, divs, result, write, _T0)
+            break
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # noqa: B014
+            # the search's largest batch can still fail later (fragmentation): retry one candidate lower
+            smaller = [c for c in cands if c < runner.B]
+            if not (is_oom(e) and smaller):
+                raise
+        # outside the except block, so that the traceback's frames (and their tensors) are gone
+        print(f"[step] out of memory at batch {runner.B} while measuring; retrying at {smaller[-1]}", flush=True)
+        result.setdefault("oom_retries", []).append(runner.B)
+        free(runner)
+        runner.B = a.batch = result["settings"]["batch"] = smaller[-1]
+    B = runner.B
+    phases = result["phases"]
+    times = result.pop("_times")
     if len(divs) == 2:
         d0, d1 = divs
         w = time_weighting(runner, divs)
@@ -794,6 +855,8 @@ def main(argv=None) -> dict:
             # paired per repeat: both divergences ran back to back, so the load of the moment cancels
             "generator_time_ratio_paired_median": statistics.median(
                 x / y for x, y in zip(times[d0]["generator"], times[d1]["generator"])),
+            # the least disturbed block of each: under CPU load the minimum is the steadiest estimate
+            "generator_time_ratio_min": min(times[d0]["generator"]) / min(times[d1]["generator"]),
             "weighting_us": w,
             "weighting_fraction_of_generator_iter": (w[d0] - w[d1]) * 1e-6 / g1,
         }
@@ -816,7 +879,8 @@ def main(argv=None) -> dict:
                f"{result['generator']['peak_mem_mb']:.0f} MB), critic {result['critic']['time_s_median'] * 1e3:.1f} ms "
                f"({result['critic']['images_per_s']:.1f} img/s, {result['critic']['peak_mem_mb']:.0f} MB)"
                + (f"; {ov['divergence']}/{ov['baseline']} generator time x{ov['generator_time_ratio']:.3f} "
-                  f"(paired x{ov['generator_time_ratio_paired_median']:.3f}, critic x{ov['critic_time_ratio']:.3f})"
+                  f"(paired x{ov['generator_time_ratio_paired_median']:.3f}, min x{ov['generator_time_ratio_min']:.3f},"
+                  f" critic x{ov['critic_time_ratio']:.3f})"
                   if ov else "")
                + (f"; MFU gen {mfu['generator']:.1%} critic {mfu['critic']:.1%}" if mfu else "")
                + f"; load {result['load_start']['loadavg'][0]}/{result['load_start']['cpu_count']} cores")

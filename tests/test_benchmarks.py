@@ -74,6 +74,18 @@ def test_step_benchmark_tiny(tmp_path):
     assert r["host_syncs_per_iter"] == {"generator": None, "critic": None}  # CUDA only
 
 
+def test_batch_search_backs_off_on_out_of_memory(tmp_path):
+    """--batch auto (what gpu.sh uses) on a simulated device that runs out of memory above batch 8, and once more
+    at 8 after the search: the search stops at 16, the measurement retries one candidate lower."""
+    r, _ = _run("step.py", "--config", "tiny", "--batch", "auto", "--batches", "2,4,8,16", "--simulate-oom-above", "8",
+                "--simulate-oom-after-search", "4", "--baseline", "js", "--warmup", "0", "--iters", "1",
+                "--repeats", "1", "--no-flops", tmp_path=tmp_path, name="search")
+    assert [(t["batch"], t["ok"]) for t in r["batch_search"]] == [(2, True), (4, True), (8, True), (16, False)]
+    assert r["oom_retries"] == [8] and r["settings"]["batch"] == 4 and r["complete"]
+    assert r["generator"]["images_per_s"] == pytest.approx(4 / r["generator"]["time_s_median"])
+    assert "overhead" not in r  # one divergence only
+
+
 def test_sampling_benchmark_tiny(tmp_path):
     r, summary = _run("sampling.py", "--config", "tiny", "--steps", "4", "--repeats", "2",
                       tmp_path=tmp_path, name="sampling")
