@@ -44,6 +44,9 @@ class ScheduleConfig:
     scheme: str = "dmd2"
     """'dmd2': update the critic every iteration and the generator every k-th as well;
     'fastgen': k-1 critic-only iterations, then one generator-only iteration."""
+    critic_warmup: int = 0
+    """Critic-only iterations before the first generator update (a fake score trained from scratch, as in the
+    2-D toy, otherwise feeds the generator noise at first; image teachers start the fake score at the teacher)."""
 
 
 @dataclass

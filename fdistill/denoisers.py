@@ -107,6 +107,16 @@ class Denoiser(nn.Module):
             self.calls[k] = 0
 
 
+def edm_precond(sigma: torch.Tensor, sigma_data: float):
+    """EDM's preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise for sigma [N, 1, ...]."""
+    sd = sigma_data
+    c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+    c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
+    c_noise = (sigma.log() / 4).reshape(-1)
+    return c_skip, c_out, c_in, c_noise
+
+
 class EDMPrecondUNet(Denoiser):
     """EDM preconditioning around a diffusers ``UNet2DModel`` (Karras et al. 2022, Table 1):
 
@@ -127,12 +137,7 @@ class EDMPrecondUNet(Denoiser):
         return self.backbone
 
     def denoise(self, x_t, sigma, cond=None):
-        sd = self.sigma_data
-        s = as_sigma(sigma, x_t)
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (s ** 2 + sd ** 2).sqrt()
-        c_noise = (s.log() / 4).reshape(-1)
+        c_skip, c_out, c_in, c_noise = edm_precond(as_sigma(sigma, x_t), self.sigma_data)
         labels = cond
         if labels is not None and labels.ndim == 2:
             labels = labels.argmax(dim=1)
@@ -179,12 +184,8 @@ class EDMPrecondMLP(Denoiser):
         self.sigma_data = float(sigma_data)
 
     def denoise(self, x_t, sigma, cond=None):
-        sd = self.sigma_data
-        s = as_sigma(sigma, x_t)
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (s ** 2 + sd ** 2).sqrt()
-        return c_skip * x_t + c_out * self.backbone(c_in * x_t, (s.log() / 4).reshape(-1))
+        c_skip, c_out, c_in, c_noise = edm_precond(as_sigma(sigma, x_t), self.sigma_data)
+        return c_skip * x_t + c_out * self.backbone(c_in * x_t, c_noise)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -189,7 +189,11 @@ def distill(cfg: DistillConfig) -> dict:
                     unit="step", dynamic_ncols=True)
     t0, steps_at_t0 = time.time(), state["gen_step"]
     while state["gen_step"] < cfg.steps:
-        it = state["iteration"]
+        it = state["iteration"] - cfg.schedule.critic_warmup
+        if it < 0:
+            critic_update()
+            state["iteration"] += 1
+            continue
         if cfg.schedule.scheme == "dmd2":
             do_critic, do_gen = True, it % k == 0
         else:
