@@ -78,10 +78,10 @@ if [ "$TINY" = 1 ]; then   # toy widths on a CPU: the same commands, small and q
     REPS=(--warmup 1 --iters 1 --repeats 2)
 else
     SIZE=()
-    IN_B=(--batch auto --batches 64,128,256,512,768,1024 --search-seconds 70)
+    IN_B=(--batch auto --batches 64,128,256,512,1024 --search-seconds 60)
     SD_B=(--batch auto --batches 8,16,32,48,64,96,128 --search-seconds 70)
     SAMPLE_B=(--batch 128)
-    REPS=(--warmup 2 --iters 3 --repeats 3)
+    REPS=(--warmup 1 --iters 2 --repeats 3)   # ADM: ~1.2 TFLOP per image per generator iteration
 fi
 
 run step_imagenet64 200 step.py --config imagenet64 "${SIZE[@]}" "${DEV[@]}" "${IN_B[@]}" "${REPS[@]}" --fused-adamw

@@ -412,7 +412,8 @@ class Runner:
         loss.backward()
         logs["grad_norm_fake"] = self._grad_norm(self.fake.parameters(), self.cfg.optim.grad_clip)
         logs["grad_norm_disc"] = self._grad_norm(self.disc.parameters(), self.cfg.optim.grad_clip)
-        self.opt_c.step()
+        if not self.a.count_only:
+            self.opt_c.step()
         self._record(logs)
         if self.a.item_per_step:
             loss.item()
@@ -427,9 +428,10 @@ class Runner:
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         logs["grad_norm_gen"] = self._grad_norm(self.generator.parameters(), self.cfg.optim.grad_clip)
-        self.opt_g.step()
-        for ema in self.emas:
-            ema.update_parameters(self.generator)
+        if not self.a.count_only:  # optimizer states would double the memory of a count on a small host
+            self.opt_g.step()
+            for ema in self.emas:
+                ema.update_parameters(self.generator)
         self._record(logs)
         if self.a.item_per_step:
             loss.item()
@@ -508,19 +510,22 @@ def count_calls(runner, task, phase, div) -> dict:
 
 def count_flops(runner, phase, div, small: int = 4) -> int | None:
     """Model FLOPs of one iteration at the running batch (torch's FlopCounterMode: matmuls, convolutions,
-    attention; forward and backward). Counted at a small batch without checkpointing and scaled: every counted
+    attention's two matmuls; forward and backward). Counted at a small batch without checkpointing and scaled: every counted
     op is per sample, so the count is exactly linear in the batch, and checkpointing's recomputation (hardware
     FLOPs, not model FLOPs) stays out."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
         return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     B = runner.B
     runner.B = b = min(B, small)
     set_grad_ckpt(runner.task, False)
     try:
         fc = FlopCounterMode(display=False)
-        with warnings.catch_warnings():
+        # attention as explicit matmuls: counted alike on every device (the CPU's fused kernel has no formula)
+        with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
             warnings.simplefilter("ignore")
             with fc:
                 runner.phase(phase)(div)
@@ -671,6 +676,8 @@ def measure(runner, task, a, divs, result, write, t_start):
     result["host_syncs_per_iter"] = {ph: find_syncs(runner, ph, divs[0]) for ph in ("generator", "critic")}
     free(runner)
     write()
+    if a.count_only:
+        return
     if a.compile:
         runner.enable_compile()
 
@@ -753,6 +760,8 @@ def parse_args(argv=None):
     p.add_argument("--deadline-s", type=float, default=None,
                    help="skip the timed repeats that would end later than this many seconds after the start "
                         "(at least one runs; the JSON says how many did)")
+    p.add_argument("--count-only", action="store_true",
+                   help="FLOPs and network calls only (no optimizer steps, no timing): full sizes on a small host")
     p.add_argument("--simulate-oom-above", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--simulate-oom-after-search", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
@@ -839,6 +848,16 @@ def main(argv=None) -> dict:
         free(runner)
         runner.B = a.batch = result["settings"]["batch"] = smaller[-1]
     B = runner.B
+    if a.count_only:
+        result["complete"] = True
+        fl = result.get("flops_per_iter") or {}
+        result["summary"] = (f"[step] {result['config']} B={B}: counted only; model FLOPs per iteration "
+                             + ", ".join(f"{ph} {v / 1e9:.1f} G ({v / B / 1e9:.1f} G/image)" for ph, v in fl.items()))
+        text = write()
+        if not a.out:
+            print(text)
+        print(result["summary"], flush=True)
+        return result
     phases = result["phases"]
     times = result.pop("_times")
     if len(divs) == 2:
