@@ -4,7 +4,7 @@
 #   1. step, ImageNet-64 ADM (296M, random weights), bf16 autocast, fused AdamW, batch = largest that fits
 #   2. step, SD1.5 UNet (860M, random weights, 64x64 latents, CFG 1.75, R1, checkpointing as in the recipe)
 #   3. sampling, ImageNet-64: one-step student vs the teacher's EDM sampler (40 steps = 79 NFE)
-#   4. if time is left: step, ImageNet-64 with channels_last at the batch step 1 found
+#   4. if time is left: A/B runs - ImageNet-64 with channels_last, SD1.5 with the CFG halves as two passes
 #
 # The machine has torch, accelerate and transformers but not diffusers: it travels as wheels in .whl/ (git-ignored).
 # Prepare them here once (the diffusers version installed here; its other requirements are there already, and
@@ -89,12 +89,18 @@ run step_sd15 170 step.py --config sd15 "${SIZE[@]}" "${DEV[@]}" "${SD_B[@]}" --
     --fused-adamw
 run sampling_imagenet64 60 sampling.py --config imagenet64 "${SIZE[@]}" "${DEV[@]}" "${SAMPLE_B[@]}" --repeats 2
 
-# channels_last at the batch step 1 settled on (no search, no baseline divergence: a quick A/B of one option)
-B1=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['settings']['batch'])" \
-     "$OUT/step_imagenet64.json" 2>/dev/null || echo "")
+# A/B runs at the batches steps 1 and 2 settled on, while time is left (no search, one divergence, no FLOPs):
+# channels_last for the ADM; the CFG teacher's two halves as two passes (the package batches them) for SD1.5
+batch_of() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['settings']['batch'])" "$1" 2>/dev/null || true; }
+B1=$(batch_of "$OUT/step_imagenet64.json")
 if [ -n "$B1" ] && [ "$(left)" -gt 80 ]; then
     run step_imagenet64_channels_last 75 step.py --config imagenet64 "${SIZE[@]}" "${DEV[@]}" --batch "$B1" \
         --baseline js --warmup 1 --iters 2 --repeats 2 --fused-adamw --channels-last --no-flops
+fi
+B2=$(batch_of "$OUT/step_sd15.json")
+if [ -n "$B2" ] && [ "$(left)" -gt 90 ]; then
+    run step_sd15_cfg_split 85 step.py --config sd15 "${SIZE[@]}" "${DEV[@]}" --batch "$B2" \
+        --baseline js --warmup 1 --iters 2 --repeats 2 --fused-adamw --cfg-split --no-flops
 fi
 
 # --- summary -------------------------------------------------------------------------------------------------

@@ -128,29 +128,37 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or on CPU the largest RSS a 5 ms sampler saw (ru_maxrss only
+    """Peak memory of a block: CUDA max allocated, or on CPU the largest RSS a 10 ms sampler saw (ru_maxrss only
     ever grows, so it cannot tell one block from another)."""
 
     def __init__(self, device):
         self.device = device
         self.peak_bytes = 0
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss"
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else ("cpu_rss" if _has_psutil() else
+                                                                          "cpu_ru_maxrss")
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        try:
-            import psutil
-        except ImportError:  # no sampler: fall back to the process high-water mark
-            self.kind, self._thread = "cpu_ru_maxrss", None
+        if not _has_psutil():  # no sampler: fall back to the process high-water mark
+            self._thread = None
             return self
+        import psutil
         proc, self._stop = psutil.Process(), threading.Event()
         self.peak_bytes = proc.memory_info().rss
 
         def sample():
-            while not self._stop.wait(0.005):
+            while not self._stop.wait(0.01):  # ~1% of one core at most
                 self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -354,7 +362,7 @@ class Runner:
         o = cfg.optim
         lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
         kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay)
-        if a.fused_adamw:
+        if a.fused_adamw:  # resolved in main: the config's optim.fused on CUDA (as the trainer), or the flag
             kw["fused"] = True
         elif a.foreach is not None:
             kw["foreach"] = a.foreach
@@ -646,7 +654,30 @@ def search_batch(runner, div, candidates, budget_s) -> tuple[int, list]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def split_cfg(teacher):
+    """--cfg-split: the CFG teacher's conditional and unconditional passes as two forwards (the package batches
+    them into one), to measure what the batching buys."""
+    orig = teacher.forward
+
+    def forward(x_t, sigma, cond=None, mode="x0"):
+        w = teacher.guidance_scale
+        if mode == "features" or w == 1.0:
+            return orig(x_t, sigma, cond, mode)
+        teacher.calls[mode] += 1
+        c = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+        out = teacher.inner(x_t, sigma, c, mode=mode)
+        x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
+        x0_c, feats = (out, None) if mode == "x0" else out
+        guided = x0_c + (w - 1.0) * (x0_c - x0_u)
+        return guided if mode == "x0" else (guided, feats)
+    teacher.forward = forward
+
+
 def apply_speed_options(task, a):
+    if a.cfg_split:
+        if not hasattr(task.teacher, "guidance_scale"):
+            raise SystemExit("--cfg-split needs a CFG teacher (--config sd15)")
+        split_cfg(task.teacher)
     if a.channels_last:
         for m in (task.teacher, task.generator, task.fake_score, task.discriminator):
             m.to(memory_format=torch.channels_last)
@@ -747,11 +778,15 @@ def parse_args(argv=None):
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default=None,
                    help="frozen teacher weights (default: the config's)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--fused-adamw", action="store_true")
+    p.add_argument("--fused-adamw", dest="fused_adamw", action="store_true", default=None,
+                   help="fused AdamW (default: the config's optim.fused, on CUDA only, as the trainer)")
+    p.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false")
     p.add_argument("--foreach", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile generator and fake score (as trainer)")
     p.add_argument("--grad-ckpt", choices=["config", "on", "off"], default="config",
                    help="gradient checkpointing of generator and fake score (default: the config's)")
+    p.add_argument("--cfg-split", action="store_true",
+                   help="sd15: CFG teacher's conditional and unconditional halves as two passes instead of one")
     p.add_argument("--item-per-step", action="store_true", help="a loss.item() (host sync) every iteration")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="skip the generator EMA update")
     p.add_argument("--no-flops", dest="flops", action="store_false")
@@ -805,13 +840,15 @@ def main(argv=None) -> dict:
     # on a CPU nothing runs out of memory (it swaps): the config's batch, unless an OOM is simulated
     auto = a.batch == "auto" and (device.type == "cuda" or a.simulate_oom_above is not None)
     a.batch = int(a.batch) if a.batch not in (None, "auto") else cfg.batch_size
+    if a.fused_adamw is None:
+        a.fused_adamw = bool(cfg.optim.fused) and device.type == "cuda"
     divs = [a.divergence] + ([a.baseline] if a.baseline and a.baseline != a.divergence else [])
     k = max(1, cfg.schedule.critic_per_gen)
     result["settings"] = {
         "batch": a.batch, "divergences": divs, "amp": a.amp, "teacher_dtype": str(next(backbone(
             task.teacher).parameters()).dtype).replace("torch.", ""), "channels_last": a.channels_last,
         "fused_adamw": a.fused_adamw, "foreach": a.foreach, "compile": a.compile, "grad_ckpt": grad_ckpt,
-        "item_per_step": a.item_per_step, "ema": list(cfg.ema) if a.ema else [], "critic_per_gen": k,
+        "item_per_step": a.item_per_step, "cfg_split": a.cfg_split, "ema": list(cfg.ema) if a.ema else [], "critic_per_gen": k,
         "disc_features": cfg.objective.disc_features, "r1_gamma": cfg.objective.r1_gamma,
         "denoise_loss": cfg.objective.denoise_loss, "guidance_scale": task.info.get("guidance_scale"),
         "feature_shapes": [list(s) for s in task.info.get("feature_shapes", [])],

@@ -100,13 +100,18 @@ def test_sampling_benchmark_tiny(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["imagenet64", "sd15"])
+@pytest.mark.parametrize("config", ["imagenet64", "sd15", "sd15-cfg-split"])
 def test_step_benchmark_fullsize_code_paths_at_toy_width(tmp_path, config):
     """What benchmarks/gpu.sh runs, at toy widths on the CPU (ADM blocks; SD with CFG, R1 and checkpointing)."""
-    r, _ = _run("step.py", "--config", config, "--tiny", "--batch", "2", "--iters", "1", "--warmup", "1",
-                "--repeats", "1", tmp_path=tmp_path, name=config)
-    assert r["complete"] and r["config"] == f"{config}-tiny"
-    if config == "sd15":
-        # CFG: conditional and unconditional halves in one batched teacher pass
-        assert r["calls_per_iter"]["generator"]["teacher"]["rows"] == 4
+    name, *split = config.split("-", 1)
+    r, _ = _run("step.py", "--config", name, "--tiny", "--batch", "2", "--iters", "1", "--warmup", "1",
+                "--repeats", "1", *(["--cfg-split"] if split else []), tmp_path=tmp_path, name=config)
+    assert r["complete"] and r["config"] == f"{name}-tiny"
+    if name == "sd15":
+        g = r["calls_per_iter"]["generator"]
         assert r["settings"]["grad_ckpt"] and r["settings"]["r1_gamma"] == 1.0
+        if split:  # conditional pass with features and gradient, unconditional x0 pass apart
+            assert g["teacher"]["forward"] == 2 and g["teacher"]["rows"] == 4
+            assert g["teacher_inner"]["modes"] == {"x0": 1, "features": 0, "both": 1}
+        else:  # CFG: conditional and unconditional halves in one batched teacher pass
+            assert g["teacher"]["forward"] == 1 and g["teacher"]["rows"] == 4
