@@ -50,6 +50,7 @@ def parse_args(argv=None):
                    help="one-step batches per timed block (default: the teacher's NFE, so blocks are comparable)")
     p.add_argument("--amp", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls/convolutions for fp32 work on a GPU")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--deadline-s", type=float, default=None,
                    help="skip repeats that would end later than this many seconds after the start (at least one)")
@@ -67,8 +68,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = a.amp if a.amp != "auto" else ("bf16" if device.type == "cuda" else "no")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(a.seed)
     B = a.batch or DEFAULT_BATCH[a.config]
     steps = a.steps or TEACHER_STEPS[a.config]
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
                      "images_per_s": 1 / med, "peak_mem_mb": round(max(peaks[name]) / 2 ** 20, 1),
                      "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss"}
     out["teacher"].update(num_steps=steps, calls_counted=counted)
-    res.update(settings={"batch": B, "amp": amp, "channels_last": a.channels_last, "teacher_steps": steps,
+    res.update(settings={"batch": B, "amp": amp, "channels_last": a.channels_last, "tf32": a.tf32, "teacher_steps": steps,
                          "student_iters_per_block": student_iters, "warmup": a.warmup, "repeats": a.repeats,
                          "repeats_done": len(per_img["student"]),
                          "teacher_dtype": str(next(stepbench.backbone(teacher).parameters()).dtype).replace(

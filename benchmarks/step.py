@@ -778,6 +778,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default=None,
                    help="frozen teacher weights (default: the config's)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls/convolutions for fp32 work on a GPU")
     p.add_argument("--fused-adamw", dest="fused_adamw", action="store_true", default=None,
                    help="fused AdamW (default: the config's optim.fused, on CUDA only, as the trainer)")
     p.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false")
@@ -812,8 +813,8 @@ def main(argv=None) -> dict:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.amp == "auto":
         a.amp = "bf16" if device.type == "cuda" else "no"
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast (optimizer math is elementwise)
-    torch.backends.cudnn.allow_tf32 = True
+    if a.tf32:  # off by default, as in the trainer (under bf16 autocast it barely matters)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(a.seed)
     result: dict = {"benchmark": "step", "config": a.config + ("-tiny" if a.tiny and a.config in (
         "imagenet64", "sd15") else ""), "complete": False, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -846,7 +847,7 @@ def main(argv=None) -> dict:
     k = max(1, cfg.schedule.critic_per_gen)
     result["settings"] = {
         "batch": a.batch, "divergences": divs, "amp": a.amp, "teacher_dtype": str(next(backbone(
-            task.teacher).parameters()).dtype).replace("torch.", ""), "channels_last": a.channels_last,
+            task.teacher).parameters()).dtype).replace("torch.", ""), "channels_last": a.channels_last, "tf32": a.tf32,
         "fused_adamw": a.fused_adamw, "foreach": a.foreach, "compile": a.compile, "grad_ckpt": grad_ckpt,
         "item_per_step": a.item_per_step, "cfg_split": a.cfg_split, "ema": list(cfg.ema) if a.ema else [], "critic_per_gen": k,
         "disc_features": cfg.objective.disc_features, "r1_gamma": cfg.objective.r1_gamma,
