@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import step as stepbench  # noqa: E402  (benchmarks/step.py: builders, memory probe, environment)
+import step as stepbench  # benchmarks/step.py: builders, memory probe, environment
 
 T0 = time.perf_counter()  # --deadline-s counts from here
 TEACHER_STEPS = {"tiny": 18, "mnist": 18, "imagenet64": 40, "sd15": 25}
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
            "load_start": stepbench.load_note(), **stepbench.env_info(device)}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        task, cfg = stepbench.build_task(a.config, a.tiny, device, Path(tmp), a.overrides)
+        task, _cfg = stepbench.build_task(a.config, a.tiny, device, Path(tmp), a.overrides)
     res["build_s"] = round(time.perf_counter() - t0, 2)
     gen, teacher = task.generator.eval(), task.teacher
     del task.fake_score, task.discriminator  # not needed here
@@ -142,7 +142,8 @@ def main(argv=None) -> dict:
                      "images_per_s": 1 / med, "peak_mem_mb": round(max(peaks[name]) / 2 ** 20, 1),
                      "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_rss"}
     out["teacher"].update(num_steps=steps, calls_counted=counted)
-    res.update(settings={"batch": B, "amp": amp, "channels_last": a.channels_last, "tf32": a.tf32, "teacher_steps": steps,
+    res.update(settings={"batch": B, "amp": amp, "channels_last": a.channels_last, "tf32": a.tf32,
+                         "teacher_steps": steps,
                          "student_iters_per_block": student_iters, "warmup": a.warmup, "repeats": a.repeats,
                          "repeats_done": len(per_img["student"]),
                          "teacher_dtype": str(next(stepbench.backbone(teacher).parameters()).dtype).replace(
@@ -150,9 +151,10 @@ def main(argv=None) -> dict:
                student=out["student"], teacher=out["teacher"],
                speedup=out["student"]["images_per_s"] / out["teacher"]["images_per_s"], nfe_ratio=nfe,
                load_end=stepbench.load_note())
+    st, te = out["student"], out["teacher"]
     res["summary"] = (f"[sampling] {res['config']} B={B} {device.type} ({res['device_name']}): student "
-                      f"{out['student']['images_per_s']:.1f} img/s (1 NFE), teacher {out['teacher']['images_per_s']:.2f}"
-                      f" img/s ({nfe} NFE): x{res['speedup']:.1f} faster; load {res['load_start']['loadavg'][0]}/"
+                      f"{st['images_per_s']:.1f} img/s (1 NFE), teacher {te['images_per_s']:.2f} img/s ({nfe} NFE): "
+                      f"x{res['speedup']:.1f} faster; load {res['load_start']['loadavg'][0]}/"
                       f"{res['load_start']['cpu_count']} cores")
     text = json.dumps(res, indent=1)
     if a.out:

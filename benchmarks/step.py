@@ -114,10 +114,9 @@ def env_info(device: torch.device) -> dict:
     else:
         info["device_name"] = platform.processor() or platform.machine()
         try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    info["device_name"] = line.split(":", 1)[1].strip()
-                    break
+            with open("/proc/cpuinfo") as f:
+                names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+            info["device_name"] = names[0] if names else info["device_name"]
         except OSError:
             pass
     return info
@@ -518,9 +517,9 @@ def count_calls(runner, task, phase, div) -> dict:
 
 def count_flops(runner, phase, div, small: int = 4) -> int | None:
     """Model FLOPs of one iteration at the running batch (torch's FlopCounterMode: matmuls, convolutions,
-    attention's two matmuls; forward and backward). Counted at a small batch without checkpointing and scaled: every counted
-    op is per sample, so the count is exactly linear in the batch, and checkpointing's recomputation (hardware
-    FLOPs, not model FLOPs) stays out."""
+    attention's two matmuls; forward and backward). Counted at a small batch without checkpointing and scaled:
+    every counted op is per sample, so the count is exactly linear in the batch, and checkpointing's
+    recomputation (hardware FLOPs, not model FLOPs) stays out."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
@@ -627,7 +626,7 @@ def search_batch(runner, div, candidates, budget_s) -> tuple[int, list]:
             runner.generator_iter(div)
             sync(runner.device)
             ok, err = True, None
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # noqa: B014 - OOM is a RuntimeError subclass
+        except (RuntimeError, torch.OutOfMemoryError) as e:
             if not is_oom(e):
                 raise
             ok, err = False, "out of memory"
@@ -847,9 +846,11 @@ def main(argv=None) -> dict:
     k = max(1, cfg.schedule.critic_per_gen)
     result["settings"] = {
         "batch": a.batch, "divergences": divs, "amp": a.amp, "teacher_dtype": str(next(backbone(
-            task.teacher).parameters()).dtype).replace("torch.", ""), "channels_last": a.channels_last, "tf32": a.tf32,
-        "fused_adamw": a.fused_adamw, "foreach": a.foreach, "compile": a.compile, "grad_ckpt": grad_ckpt,
-        "item_per_step": a.item_per_step, "cfg_split": a.cfg_split, "ema": list(cfg.ema) if a.ema else [], "critic_per_gen": k,
+            task.teacher).parameters()).dtype).replace("torch.", ""), "channels_last": a.channels_last,
+        "tf32": a.tf32, "fused_adamw": a.fused_adamw, "foreach": a.foreach, "compile": a.compile,
+        "grad_ckpt": grad_ckpt,
+        "item_per_step": a.item_per_step, "cfg_split": a.cfg_split, "ema": list(cfg.ema) if a.ema else [],
+        "critic_per_gen": k,
         "disc_features": cfg.objective.disc_features, "r1_gamma": cfg.objective.r1_gamma,
         "denoise_loss": cfg.objective.denoise_loss, "guidance_scale": task.info.get("guidance_scale"),
         "feature_shapes": [list(s) for s in task.info.get("feature_shapes", [])],
@@ -875,7 +876,7 @@ def main(argv=None) -> dict:
         try:
             measure(runner, task, a, divs, result, write, _T0)
             break
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # noqa: B014
+        except (RuntimeError, torch.OutOfMemoryError) as e:
             # the search's largest batch can still fail later (fragmentation): retry one candidate lower
             smaller = [c for c in cands if c < runner.B]
             if not (is_oom(e) and smaller):
@@ -931,10 +932,11 @@ def main(argv=None) -> dict:
     result["complete"] = True
     ov = result.get("overhead", {})
     mfu = result.get("mfu") or {}
+    g, c = result["generator"], result["critic"]
     summary = (f"[step] {result['config']} B={B} {device.type} ({result['device_name']}): "
-               f"generator {result['generator']['time_s_median'] * 1e3:.1f} ms ({result['generator']['images_per_s']:.1f} img/s, "
-               f"{result['generator']['peak_mem_mb']:.0f} MB), critic {result['critic']['time_s_median'] * 1e3:.1f} ms "
-               f"({result['critic']['images_per_s']:.1f} img/s, {result['critic']['peak_mem_mb']:.0f} MB)"
+               f"generator {g['time_s_median'] * 1e3:.1f} ms ({g['images_per_s']:.1f} img/s, "
+               f"{g['peak_mem_mb']:.0f} MB), "
+               f"critic {c['time_s_median'] * 1e3:.1f} ms ({c['images_per_s']:.1f} img/s, {c['peak_mem_mb']:.0f} MB)"
                + (f"; {ov['divergence']}/{ov['baseline']} generator time x{ov['generator_time_ratio']:.3f} "
                   f"(paired x{ov['generator_time_ratio_paired_median']:.3f}, min x{ov['generator_time_ratio_min']:.3f},"
                   f" critic x{ov['critic_time_ratio']:.3f})"
