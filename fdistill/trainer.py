@@ -78,16 +78,16 @@ def distill(cfg: DistillConfig) -> dict:
                               kwargs_handlers=[ddp_kwargs])
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_resume_config(run_dir, cfg)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    accelerator.wait_for_everyone()
+    _check_resume_config(run_dir, cfg)  # read-only: a mismatched run directory is refused before anything runs
 
     # Same initial weights on every process (DDP also broadcasts them); then per-process noise streams.
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg, device)
+    task = build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    accelerator.wait_for_everyone()
     divergence = get_divergence(cfg.divergence)
     ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
     if cfg.ratio not in ("learned", "oracle"):

@@ -13,7 +13,16 @@ from fdistill.noise import NoiseSchedule
 from fdistill.objective import FDistill, ObjectiveConfig
 from fdistill.ratio import RatioConfig, RatioNormalizer
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """The exact comparison runs in float64; restore the default afterwards so other tests are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 M_P, V_P = 0.0, 1.0  # teacher N(0, 1)
 SIGMA = 0.5
