@@ -26,6 +26,8 @@ class _StopForward(Exception):
 
 def as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     """sigma as a float32 tensor broadcastable against x (shape [N, 1, 1, ...])."""
+    if isinstance(sigma, (int, float)):  # a Python number: fill on the device, no host-to-device copy
+        return torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float(sigma), dtype=torch.float32, device=x.device)
     s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     if s.ndim == 0:
         s = s.expand(x.shape[0])

@@ -59,6 +59,13 @@ class NoiseSchedule:
             self.sigma_max = float(self.sigmas[-1])
         if self.generator_sigma is None:
             self.generator_sigma = self.sigma_max
+        self._grid_on: dict = {}  # the grid per device: copied once, not on every draw (a host-device copy)
+
+    def _grid(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._grid_on:
+            self._grid_on[key] = self.sigmas.to(device)
+        return self._grid_on[key]
 
     @classmethod
     def edm(cls, n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dm_index_range=(20, 980)):
@@ -86,14 +93,14 @@ class NoiseSchedule:
             return self._loguniform(n, self.sigma_min, self.sigma_max, generator, device)
         lo, hi = self.dm_index_range
         idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
-        return self.sigmas.to(device)[idx]
+        return self._grid(device)[idx]
 
     def sample_denoise(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         """Sigmas for the fake score's denoising loss: the whole grid."""
         if self.sigmas is None:
             return self._loguniform(n, self.sigma_min, self.sigma_max, generator, device)
         idx = torch.randint(0, len(self.sigmas), (n,), generator=generator, device=device)
-        return self.sigmas.to(device)[idx]
+        return self._grid(device)[idx]
 
 
 def edm_sampler_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,

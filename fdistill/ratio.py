@@ -95,7 +95,7 @@ class RatioNormalizer(torch.nn.Module):
                 self.bin_seen |= present
         h = divergence.weight(torch.log(r))
         if c.normalize_weight:
-            tot = _all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)]))
+            tot = _all_reduce_sum(torch.stack([h.sum(), h.new_full((), float(h.numel()))]))
             h = h / (tot[0] / tot[1]).clamp(min=1e-12)
         stats = {
             "r_mean": r_raw.mean(), "r_min": r_raw.min(), "r_max": r_raw.max(),
