@@ -1,0 +1,70 @@
+"""The MNIST (image) pipeline: exact resume after a hard kill, as for the toy; the shipped teacher's assets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_teacher(path: Path):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=8, num_class_embeds=10, attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0,
+                resnet_time_scale_shift="scale_shift").save_pretrained(path)
+    (path / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5, "resolution": 16}))
+
+
+def _run(teacher, out, env=None):
+    cmd = [sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/mnist.yaml"), f"out={out}",
+           f"teacher={teacher}", "steps=6", "batch_size=4", "log.ckpt_every=2", "log.every=2", "log.progress=false",
+           "task.eval_samples=0", "task.grid_samples=4", "ema=[0.9]"]
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+
+
+def test_mnist_kill_and_resume_is_exact(tmp_path):
+    teacher = tmp_path / "teacher"
+    _tiny_teacher(teacher)
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = _run(teacher, a)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(teacher, b, {"FDISTILL_TEST_KILL_AT_STEP": "3"})
+    assert r.returncode != 0 and (b / "ckpt-00000002").is_dir() and not (b / "ckpt-00000004").exists()
+    r = _run(teacher, b)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("generator", "fake_score", "discriminator", "ema_0.9", "ratio"):
+        sa = load_file(str(a / "ckpt-00000006" / f"{name}.safetensors"))
+        sb = load_file(str(b / "ckpt-00000006" / f"{name}.safetensors"))
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
+    for name in ("optim_gen", "optim_critic"):
+        sa = load_file(str(a / "ckpt-00000006" / f"{name}.safetensors"))
+        sb = load_file(str(b / "ckpt-00000006" / f"{name}.safetensors"))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_shipped_teacher_assets_are_complete():
+    """The embedded default's files: weights load, metadata holds the command and the measured figures."""
+    from fdistill.pipelines.mnist import TEACHER_DIR, load_teacher
+    from fdistill.pipelines.mnist_demo import REF_IMAGES, reference_features
+
+    teacher, meta = load_teacher(TEACHER_DIR)
+    assert sum(p.numel() for p in teacher.parameters()) < 2_500_000
+    for key in ("train_command", "fid_teacher", "fid_teacher_one_step", "fid_num_samples", "nfe_teacher"):
+        assert key in meta, key
+    assert meta["fid_teacher"] < meta["fid_teacher_one_step"]
+    feats = reference_features(TEACHER_DIR)
+    assert feats.shape == (REF_IMAGES, 2048) and (feats >= 0).all()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out = teacher(x * 80, torch.full((2,), 80.0), torch.tensor([3, 7]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
