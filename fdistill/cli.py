@@ -57,6 +57,8 @@ def _eval(argv: list[str]) -> int:
         return coco_main(argv[1:])
     from .metrics.cli import main as metrics_main
 
+    if not argv or argv[0] in ("-h", "--help"):
+        print("fdistill eval coco ...   the COCO-30k protocol for SD text-to-image (see `fdistill eval coco --help`)\n")
     return metrics_main(argv)
 
 
