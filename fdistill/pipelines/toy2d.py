@@ -31,6 +31,7 @@ DEFAULTS = {
     "sigma_min": 0.05,
     "sigma_max": 8.0,
     "latent_dim": 8,
+    "latent_components": 0,  # >0: the latent also holds a one-hot of K equiprobable components (a map that need not tear)
     "hidden": 256,        # generator MLP width
     "fake_hidden": 256,   # fake-score MLP width: it must resolve the student's modes at low sigma
     "fake_depth": 4,
@@ -104,6 +105,20 @@ class GMMDenoiser(Denoiser):
         return feats if mode == "features" else (self.denoise(x_t, sigma), feats)
 
 
+class MixtureLatentGenerator(MLPGenerator):
+    """An MLP whose latent is a Gaussian plus a one-hot of K equiprobable components: it can send components to
+    different modes without tearing a continuous map (mass per mode in steps of 1/K)."""
+
+    def __init__(self, latent_dim: int, components: int, out_dim: int = 2, hidden: int = 256):
+        super().__init__(latent_dim + components, out_dim, hidden, depth=4)
+        self.latent_dim, self.components = latent_dim, components
+
+    def sample_latents(self, n, generator=None, device="cpu"):
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        k = torch.randint(0, self.components, (n,), generator=generator, device=device)
+        return torch.cat([z, torch.nn.functional.one_hot(k, self.components).float()], 1)
+
+
 def mode_metrics(x: torch.Tensor, gmm: GMM) -> dict:
     """mode_coverage: fraction of modes receiving at least 1/4 of their true mass;
     mode_mass_tv: total variation between the generated mass per mode (among on-mode samples) and the weights;
@@ -144,7 +159,9 @@ def build(cfg, device) -> Task:
     gmm = ring_gmm(t["num_modes"], t["radius"], t["mode_std"], t["weight_ratio"])
     sd = float(t["radius"])  # data scale for the preconditioning
     teacher = GMMDenoiser(gmm, feature_scale=sd)
-    generator = MLPGenerator(t["latent_dim"], 2, t["hidden"], depth=4)
+    K = t["latent_components"]
+    generator = (MixtureLatentGenerator(t["latent_dim"], K, 2, t["hidden"]) if K > 0
+                 else MLPGenerator(t["latent_dim"], 2, t["hidden"], depth=4))
     fake = EDMPrecondMLP(MLPBackbone(2, t["fake_hidden"], depth=t["fake_depth"]), sigma_data=sd)
     disc = Discriminator([MLPHead(3, 128)])
     schedule = NoiseSchedule.continuous(t["sigma_min"], t["sigma_max"])
@@ -160,7 +177,7 @@ def build(cfg, device) -> Task:
         # exact log p_sigma over a KDE of the current generator pushed through the same noise
         g = generator_ref[0]
         with torch.no_grad():
-            z = torch.randn(t["kde_samples"], t["latent_dim"], generator=kde_rng, device=x_t.device)
+            z = g.sample_latents(t["kde_samples"], kde_rng, x_t.device)
             xs = g(z).float()
         var = as_sigma(sigma, x_t).reshape(-1, 1) ** 2 + t["kde_bandwidth"] ** 2
         d2 = torch.cdist(x_t.float(), xs) ** 2
@@ -176,7 +193,7 @@ def build(cfg, device) -> Task:
         n = t["eval_samples"] if final else 4000
         erng = torch.Generator(device=device).manual_seed(777)
         with torch.no_grad():
-            z = torch.randn(n, t["latent_dim"], generator=erng, device=device)
+            z = gen.sample_latents(n, erng, device)
             x = gen(z).float().cpu()
         real = gmm.sample(n, torch.Generator().manual_seed(778))
         m = mode_metrics(x, gmm)
@@ -206,7 +223,7 @@ def _calibration_report(gen, teacher, disc, oracle_fn, schedule, t, device) -> d
     out = {}
     for name, (lo, hi) in {"low": (schedule.sigma_min, 0.3), "mid": (0.3, 2.0), "high": (2.0, schedule.sigma_max)}.items():
         n = 2048
-        x = gen(torch.randn(n, t["latent_dim"], generator=rng, device=device)).float()
+        x = gen(gen.sample_latents(n, rng, device)).float()
         sigma = torch.exp(math.log(lo) + torch.rand(n, generator=rng, device=device) * (math.log(hi) - math.log(lo)))
         x_t = x + sigma[:, None] * torch.randn(x.shape, generator=rng, device=device)
         logit = disc(teacher(x_t, sigma, mode="features"))
