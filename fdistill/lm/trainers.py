@@ -149,6 +149,15 @@ class _Run:
 # --------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+
+def _next_prompts(queue: list, prompts, n: int, rng) -> tuple[list, list]:
+    """The next n prompts, cycling through the prompt set in a fresh shuffled order each pass."""
+    if len(queue) < n:
+        perm = list(prompts)
+        rng.shuffle(perm)
+        queue = queue + perm
+    return queue[:n], queue[n:]
+
 def precompute_ref_logps(ref, pairs, pad_id: int, device, batch_size: int = 64) -> torch.Tensor:
     """Summed reference log-probs [N, 2] (chosen, rejected) of every pair, computed once."""
     out = []
@@ -249,11 +258,7 @@ def train_fdpg(cfg: FDPGConfig, log: Callable | None = print) -> dict:
     log_z = LogZEstimator()
     queue: list[str] = []
     for step in range(1, cfg.steps + 1):
-        if len(queue) < cfg.prompts_per_step:  # cycle through the prompts in shuffled order
-            perm = list(prompts)
-            run.rng.shuffle(perm)
-            queue += perm
-        ps, queue = queue[:cfg.prompts_per_step], queue[cfg.prompts_per_step:]
+        ps, queue = _next_prompts(queue, prompts, cfg.prompts_per_step, run.rng)
         flat = [p for p in ps for _ in range(cfg.samples_per_prompt)]
         batch = sample(run.unwrapped, [prompt_ids[p] for p in flat], cfg.max_new_tokens, tok.eos_token_id,
                        tok.pad_token_id).to(run.device)
@@ -369,11 +374,7 @@ def train_dph(cfg: DPHConfig, log: Callable | None = print) -> dict:
         metrics = {}
         pg_batch = None
         if rl_prompts:
-            if len(queue) < cfg.prompts_per_step:
-                perm = list(rl_prompts)
-                run.rng.shuffle(perm)
-                queue += perm
-            ps, queue = queue[:cfg.prompts_per_step], queue[cfg.prompts_per_step:]
+            ps, queue = _next_prompts(queue, rl_prompts, cfg.prompts_per_step, run.rng)
             flat = [p for p in ps for _ in range(cfg.group_size)]
             pg_batch = sample(run.unwrapped, [prompt_ids[p] for p in flat], cfg.max_new_tokens, tok.eos_token_id,
                               tok.pad_token_id).to(run.device)
