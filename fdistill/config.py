@@ -148,6 +148,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is str:
         return isinstance(value, str), value
     if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, str):  # key=a,b on the command line
+            value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)):
             return True, list(value)
         return False, value
@@ -166,8 +168,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; valid keys here: {sorted(fields)}")
+            hint = f". Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}' for {cls.__name__}{hint} "
+                              f"Valid keys here: {', '.join(sorted(fields))}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")

@@ -75,7 +75,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="divergance"):
         load_config(ROOT / "configs/toy2d.yaml", ["divergance=js"])
-    with pytest.raises(ConfigError, match="did you mean 'optim.lr_gen'"):
+    with pytest.raises(ConfigError, match="Did you mean 'optim.lr_gen'"):
         load_config(ROOT / "configs/toy2d.yaml", ["optim.lr_gne=1e-3"])
     with pytest.raises(ConfigError, match="steps must be int"):
         load_config(ROOT / "configs/toy2d.yaml", ["steps=many"])

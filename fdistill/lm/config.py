@@ -1,26 +1,22 @@
 """Typed configs of the LM trainers: one dataclass per method, loadable from YAML with ``key=value`` overrides.
 
 Each field's comment names where its default comes from. Unknown keys are errors that name the key (a typo
-must not silently train with a default). This loader is local to ``fdistill.lm`` on purpose, so the LM part
-stays independent of the diffusion side's config machinery.
+must not silently train with a default); loading goes through ``fdistill.config``, the package's one loader.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from ..config import ConfigError  # noqa: F401  (re-exported for the LM CLI)
+from ..config import load_config as _load
 
 
 @dataclass
@@ -197,81 +193,10 @@ CONFIGS: dict[str, type] = {"dpo": DPOConfig, "tdpo": TDPOConfig, "fdpg": FDPGCo
                             "demo": DemoConfig}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        return _coerce(value, args[0], key)
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)  # also "1e-4", which YAML 1.1 reads as a string
-        if tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-        if tp is list or origin is list:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return [str(v) if not isinstance(v, (int, float)) else v for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
-    return value
-
-
-def from_dict(cls: type, data: dict) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}.{hint} "
-                              f"Valid keys: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], key)
-    return cls(**kwargs)
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    out = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return out
-
-
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
-    """``cls`` from a YAML file (optional) updated with ``key=value`` overrides (values parsed as YAML)."""
-    data: dict = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        data.update(loaded)
-    data.update(parse_overrides(list(overrides)))
-    return from_dict(cls, data)
+    """``cls`` from a YAML file (optional) updated with ``key=value`` overrides (values parsed as YAML), by the
+    package's one config loader (fdistill.config): unknown keys and wrong types are errors naming the key."""
+    return _load(path, list(overrides), cls=cls)
 
 
 def to_dict(cfg: Any) -> dict:
