@@ -171,10 +171,9 @@ class FDistill(nn.Module):
             x0_all, feats_all = self.fake_score(torch.cat([x_t_dn, disc_in]), torch.cat([sigma_dn, disc_sigma]),
                                                 _cat_cond(cond, disc_cond), mode="both")
             x0 = x0_all[:n]
-            feats = [f[n:] for f in feats_all]
-            feats_trunk = feats
-            feats = [f if cfg.fake_trunk_gan_weight == 1 else
-                     f.detach() + cfg.fake_trunk_gan_weight * (f - f.detach()) for f in feats_trunk]
+            # the head sees the features; the trunk's gradient from them is scaled by fake_trunk_gan_weight
+            w = cfg.fake_trunk_gan_weight
+            feats = [f[n:].detach() + w * (f[n:] - f[n:].detach()) for f in feats_all]
         logits = self.discriminator(feats).float()
         logit_f, logit_r = logits[:n], logits[n:]
 

@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ..denoisers import EDMPrecondUNet, freeze
-from ..discriminator import Discriminator
-from ..generator import OneStepGenerator
-from ..noise import NoiseSchedule
 from . import Task, check_task_keys
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -155,52 +152,32 @@ DEFAULTS = {
 
 
 def build(cfg, device) -> Task:
-    import copy
+    """The MNIST task: the generic EDM image task (image.assemble) on the shipped teacher and the in-memory
+    digits, with the demo's evaluation (FID, teacher vs student grid, sampling speed) at the end."""
+    from .image import DEFAULTS as IMAGE_DEFAULTS
+    from .image import assemble
 
     t = check_task_keys(cfg.task, DEFAULTS, "mnist")
-    teacher, meta = load_teacher(cfg.teacher)
-    freeze(teacher)
+    den, meta = load_teacher(cfg.teacher)
     res = meta.get("resolution", RESOLUTION)
-    # Generator and fake score start as fp32 copies of the teacher (paper, s.4), taken before any cast.
-    gen_den = copy.deepcopy(teacher).float().requires_grad_(True).train()
-    fake = copy.deepcopy(teacher).float().requires_grad_(True).train()
-    if t["teacher_dtype"] == "bfloat16":
-        teacher.unet.to(torch.bfloat16)
-    sigma_g = cfg.noise.generator_sigma or cfg.noise.sigma_max  # EDM: G(z) = D(80 z, 80)
-    generator = OneStepGenerator(gen_den, sigma_g, (1, res, res))
-    with torch.no_grad():
-        probe = teacher(torch.zeros(1, 1, res, res), torch.ones(1), torch.zeros(1, dtype=torch.long), mode="features")
-    disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
-    n = cfg.noise
-    schedule = NoiseSchedule.edm(n.num_levels, n.sigma_min, n.sigma_max, n.rho, (n.dm_index_min, n.dm_index_max))
-    x_real, y_real = load_mnist(res)
-    x_real, y_real = x_real.to(device), y_real.to(device)
-
-    def sample_cond(k, rng, dev):
-        return torch.randint(0, NUM_CLASSES, (k,), generator=rng, device=dev)
-
-    def sample_real(k, rng, dev):
-        idx = torch.randint(0, len(x_real), (k,), generator=rng, device=dev)
-        return x_real[idx], y_real[idx]
+    x, y = load_mnist(res)
+    image_keys = {**IMAGE_DEFAULTS, "teacher_dtype": t["teacher_dtype"], "grid_samples": t["grid_samples"],
+                  "loader_threads": 0}  # in-memory digits: nothing to decode
+    task = assemble(cfg, image_keys, den.unet, den.sigma_data, list(zip(x, y.tolist())), device, res, 1,
+                    NUM_CLASSES)
+    grid = task.evaluate
 
     def evaluate(gen, run_dir, final=False, step=0):
-        from ..sampling import per_image_latents, save_grid
+        if not final:
+            return grid(gen, run_dir, final, step)
+        from .mnist_demo import evaluate_mnist
 
-        if final:
-            from .mnist_demo import evaluate_mnist
+        return evaluate_mnist(gen, task.teacher, meta, Path(run_dir), res, device, num_fid=t["eval_samples"],
+                              progress=cfg.log.progress, n_grid=t["grid_samples"], teacher_dir=cfg.teacher)
 
-            return evaluate_mnist(gen, teacher, meta, Path(run_dir), res, device, num_fid=t["eval_samples"],
-                                  progress=cfg.log.progress, n_grid=t["grid_samples"], teacher_dir=cfg.teacher)
-        labels = torch.arange(100, device=device) % NUM_CLASSES
-        z = per_image_latents(range(100), (1, res, res), device)
-        with torch.no_grad():
-            xs = gen(z, labels).float()
-        save_grid(xs, Path(run_dir) / f"samples_{step:06d}.png")
-        return {}
-
-    return Task(teacher=teacher, generator=generator, fake_score=fake, discriminator=disc, schedule=schedule,
-                sample_cond=sample_cond, sample_real=sample_real, evaluate=evaluate, sigma_data=teacher.sigma_data,
-                info={"teacher_meta": meta})
+    task.evaluate = evaluate
+    task.info["teacher_meta"] = meta
+    return task
 
 
 def demo_main(argv: list[str]) -> int:

@@ -175,16 +175,13 @@ def build(cfg, device) -> Task:
 
     def oracle_log_ratio(x_t, sigma, cond=None):
         # exact log p_sigma over a KDE of the current generator pushed through the same noise
-        g = generator_ref[0]
         with torch.no_grad():
-            z = g.sample_latents(t["kde_samples"], kde_rng, x_t.device)
-            xs = g(z).float()
+            z = generator.sample_latents(t["kde_samples"], kde_rng, x_t.device)
+            xs = generator(z).float()
         var = as_sigma(sigma, x_t).reshape(-1, 1) ** 2 + t["kde_bandwidth"] ** 2
         d2 = torch.cdist(x_t.float(), xs) ** 2
         log_q = torch.logsumexp(-0.5 * d2 / var, 1) - math.log(xs.shape[0]) - math.log(2 * math.pi) - var[:, 0].log()
         return gmm.to(x_t.device).log_prob(x_t.float(), sigma) - log_q
-
-    generator_ref = [generator]
 
     def sample_real(n, rng, dev):
         return gmm.sample(n, rng, dev), None
@@ -203,12 +200,9 @@ def build(cfg, device) -> Task:
         if final:
             m["eval_samples"] = n
             m["true_mass"] = [round(float(w), 4) for w in gmm.weights]
-            if oracle_ref[0]:
-                m.update(_calibration_report(gen, teacher, disc_ref[0], oracle_log_ratio, schedule, t, device))
+            m.update(_calibration_report(gen, teacher, disc, oracle_log_ratio, schedule, t, device))
         return m
 
-    disc_ref = [disc]
-    oracle_ref = [True]
     return Task(teacher=teacher, generator=generator, fake_score=fake, discriminator=disc, schedule=schedule,
                 sample_cond=lambda n, rng, dev: None, sample_real=sample_real, evaluate=evaluate,
                 oracle_log_ratio=oracle_log_ratio, sigma_data=sd, info={"gmm": gmm})
