@@ -158,6 +158,14 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     return True, value
 
 
+def unknown_key(key: str, valid, prefix: str = "", owner: str = "") -> ConfigError:
+    """The error for a key that is not a field: names it, suggests the closest valid one, lists them all."""
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f". Did you mean '{prefix}{close[0]}'?" if close else ""
+    where = f" for {owner}" if owner else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{where}{hint} Valid keys here: {', '.join(sorted(valid))}")
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a dict, strictly."""
     if not isinstance(data, dict):
@@ -167,10 +175,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f". Did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}' for {cls.__name__}{hint} "
-                              f"Valid keys here: {', '.join(sorted(fields))}")
+            raise unknown_key(key, fields, prefix, cls.__name__)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")

@@ -51,15 +51,12 @@ def build_task(cfg, device) -> Task:
 
 def check_task_keys(task_cfg: dict, defaults: dict, pipeline: str) -> dict:
     """Merge ``task:`` settings over a pipeline's defaults; an unknown key is an error naming it."""
-    import difflib
+    from ..config import unknown_key
 
     out = dict(defaults)
     for k, v in (task_cfg or {}).items():
         if k not in defaults:
-            close = difflib.get_close_matches(k, list(defaults), n=1)
-            hint = f" (did you mean 'task.{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown config key 'task.{k}' for pipeline {pipeline}{hint}; "
-                             f"valid: {sorted(defaults)}")
+            raise unknown_key(k, defaults, "task.", f"pipeline {pipeline}")
         d = defaults[k]
         if d is not None and v is not None and not isinstance(v, type(d)) and not (
                 isinstance(d, float) and isinstance(v, int)):
