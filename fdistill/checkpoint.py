@@ -34,8 +34,9 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def save_module(module: torch.nn.Module, path: Path):
-    sd = module.state_dict()
+def save_module(module, path: Path):
+    """A module, or a state dict already gathered from one (FSDP: the full tensors, on the main process)."""
+    sd = module.state_dict() if isinstance(module, torch.nn.Module) else module
     # safetensors refuses tensors sharing memory; clone so tied weights save as copies
     save_file({k: v.clone() for k, v in _contiguous(sd).items()}, str(path))
 
@@ -55,13 +56,14 @@ def load_module(module: torch.nn.Module, path: Path):
                               f"{list(unexpected)[:5]}. Was the run started with a different config?")
 
 
-def _optim_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def _optim_flat(opt) -> tuple[dict, dict]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors, rest = {}, {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().contiguous().cpu()
+                # clone: a gathered (FSDP1) state holds views of one buffer, which safetensors refuses
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().clone()
             else:
                 rest["state"].setdefault(str(idx), {})[k] = v
     return tensors, rest
@@ -73,7 +75,8 @@ def save_optimizer(opt, folder: Path, name: str):
     (folder / f"optim_{name}.json").write_text(json.dumps(rest))
 
 
-def load_optimizer(opt, folder: Path, name: str):
+def read_optimizer(folder: Path, name: str) -> dict:
+    """The state dict of ``optim_<name>`` as ``torch.optim.Optimizer.state_dict()`` gives it (keys: indices)."""
     try:
         tensors = load_file(str(folder / f"optim_{name}.safetensors"))
         rest = json.loads((folder / f"optim_{name}.json").read_text())
@@ -89,7 +92,58 @@ def load_optimizer(opt, folder: Path, name: str):
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer(opt, folder: Path, name: str):
+    opt.load_state_dict(read_optimizer(folder, name))
+
+
+def merge_optim_states(sds: list[dict]) -> dict:
+    """Several optimizers' state dicts as one over the concatenation of their parameters (indices offset), e.g.
+    the fake score's and the discriminator's as the critic's."""
+    state, groups, offset = {}, [], 0
+    for sd in sds:
+        n = sum(len(g["params"]) for g in sd["param_groups"])
+        state.update({int(i) + offset: st for i, st in sd["state"].items()})
+        groups += [{**g, "params": [int(i) + offset for i in g["params"]]} for g in sd["param_groups"]]
+        offset += n
+    return {"state": state, "param_groups": groups}
+
+
+def split_optim_state(sd: dict, counts: list[int]) -> list[dict]:
+    """Inverse of merge_optim_states for optimizers of ``counts`` parameters each; a group that spans several
+    parts (a checkpoint written with one optimizer for all of them) is split into one group per part."""
+    total = sum(len(g["params"]) for g in sd["param_groups"])
+    if total != sum(counts):
+        raise CheckpointError(f"optimizer state covers {total} parameters, the networks have {sum(counts)}: "
+                              "was the run started with a different config?")
+    parts, lo = [], 0
+    for n in counts:
+        hi = lo + n
+        groups = [{**g, "params": [int(i) - lo for i in g["params"] if lo <= int(i) < hi]} for g in sd["param_groups"]]
+        parts.append({"state": {int(i) - lo: st for i, st in sd["state"].items() if lo <= int(i) < hi},
+                      "param_groups": [g for g in groups if g["params"]]})
+        lo = hi
+    return parts
+
+
+def optim_state_by_index(sd: dict, names: list[str]) -> dict:
+    """A state dict keyed by parameter names (torch.distributed.checkpoint's, as FSDP gives it) keyed by the
+    parameters' indices in ``names`` instead, the order the optimizer was built with: what a plain
+    ``Optimizer.state_dict()`` holds, so a checkpoint is the same whether or not the run was sharded."""
+    index = {n: i for i, n in enumerate(names)}
+    try:
+        return {"state": {index[k]: v for k, v in sd["state"].items()},
+                "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in sd["param_groups"]]}
+    except KeyError as e:
+        raise CheckpointError(f"optimizer state names parameter {e}, which the network does not have") from None
+
+
+def optim_state_by_name(sd: dict, names: list[str]) -> dict:
+    """Inverse of optim_state_by_index."""
+    return {"state": {names[int(i)]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def rng_state(train_rng: torch.Generator | None) -> tuple[dict, dict]:
@@ -153,7 +207,8 @@ def write_rng(tmp: Path, rank: int, train_rng: torch.Generator | None):
 
 
 def finish_checkpoint(tmp: Path, modules: dict, optimizers: dict, meta: dict, keep: int = 2) -> Path:
-    """Write the modules, optimizers and meta.json (last), then rename the folder into place and rotate."""
+    """Write the modules, optimizers and meta.json (last), then rename the folder into place and rotate.
+    Values are modules / optimizers, or their (full, gathered) state dicts."""
     for name, m in modules.items():
         save_module(m, tmp / f"{name}.safetensors")
     for name, o in optimizers.items():
@@ -179,8 +234,7 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizers: dict, m
     return finish_checkpoint(tmp, modules, optimizers, meta, keep)
 
 
-def load_checkpoint(folder: Path, modules: dict, optimizers: dict, rank: int, world_size: int,
-                    train_rng: torch.Generator | None) -> dict:
+def read_meta(folder: Path, world_size: int) -> dict:
     folder = Path(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -190,11 +244,23 @@ def load_checkpoint(folder: Path, modules: dict, optimizers: dict, rank: int, wo
         raise CheckpointError(f"{folder} was written by {meta.get('world_size')} processes but this run has "
                               f"{world_size}; resume with the same number of processes (the RNG streams are "
                               "per process)")
-    for name, m in modules.items():
-        load_module(m, folder / f"{name}.safetensors")
-    for name, o in optimizers.items():
-        load_optimizer(o, folder, name)
-    rpath = folder / f"rng_rank{rank}.safetensors"
+    return meta
+
+
+def load_rng(folder: Path, rank: int, train_rng: torch.Generator | None):
+    rpath = Path(folder) / f"rng_rank{rank}.safetensors"
     if rpath.is_file():
-        set_rng_state(load_file(str(rpath)), json.loads((folder / f"rng_rank{rank}.json").read_text()), train_rng)
+        set_rng_state(load_file(str(rpath)), json.loads((Path(folder) / f"rng_rank{rank}.json").read_text()),
+                      train_rng)
+
+
+def load_checkpoint(folder: Path, modules: dict, optimizers: dict, rank: int, world_size: int,
+                    train_rng: torch.Generator | None) -> dict:
+    """Everything at once, for plain (unsharded) modules and optimizers; the trainer loads in stages."""
+    meta = read_meta(folder, world_size)
+    for name, m in modules.items():
+        load_module(m, Path(folder) / f"{name}.safetensors")
+    for name, o in optimizers.items():
+        load_optimizer(o, Path(folder), name)
+    load_rng(folder, rank, train_rng)
     return meta

@@ -35,6 +35,13 @@ class OptimConfig:
     """Gradient-norm clipping of each network (DMD2: 10). 0 disables."""
     fused: bool = False
     """torch's fused AdamW kernel (GPU)."""
+    grad_accum: int = 1
+    """Gradient accumulation: every critic and generator update averages the gradients of this many micro-batches
+    of ``batch_size`` per process before its optimizer step (processes synchronise only on the last one). The
+    total batch is processes x batch_size x grad_accum: the paper's 1024 for SD1.5 is e.g. 8 GPUs x 32 x 4.
+    The ratio normaliser works per micro-batch: the stage-1 bin means (and their EMA, which advances once per
+    micro-batch) and the stage-2 batch mean of h are those of each micro-batch (over all processes), so with
+    either normalisation on, accumulation is not bit-for-bit a larger batch."""
 
 
 @dataclass

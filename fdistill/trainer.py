@@ -1,16 +1,22 @@
 """The training loop: one readable function on accelerate, the same for every task.
 
     fdistill distill CONFIG [key=value ...]                       one process
-    accelerate launch train/distill.py CONFIG [key=value ...]     several processes / machines (DDP)
+    accelerate launch train/distill.py CONFIG [key=value ...]     several processes / machines (DDP, or FSDP
+                                                                  with accelerate's FSDP plugin, version 1 or 2)
 
 Each iteration updates the critic (fake score + discriminator head) and, every ``critic_per_gen``-th, the
-generator (DMD2's scheme), or alternates k-1 critic iterations with one generator iteration (FastGen's).
+generator (DMD2's scheme), or alternates k-1 critic iterations with one generator iteration (FastGen's);
+each update may accumulate ``optim.grad_accum`` micro-batches.
 The run directory holds config.yaml, metrics.jsonl, sample grids, checkpoints and, at the end, metrics.json;
-rerunning the same command resumes from the newest checkpoint exactly.
+rerunning the same command resumes from the newest checkpoint exactly. Under FSDP gradient norms are global,
+EMAs are full copies, and checkpoints hold full tensors gathered on the main process: the same files a single
+process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -45,11 +51,23 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return mp
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """A saved config with the fields added since it was written at their defaults (which leave the run as it
+    was), so that a new field does not make every older run directory unresumable."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and v and isinstance(out[k], dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
+
+
 def _check_resume_config(run_dir: Path, cfg: DistillConfig):
     saved = run_dir / "config.json"
     if not saved.is_file():
         return
-    old = json.loads(saved.read_text())
+    old = _with_defaults(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(DistillConfig()))))
     new = json.loads(json.dumps(to_dict(cfg)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
     if diff:
@@ -57,13 +75,94 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig):
                          "settings, or choose another out=DIR")
 
 
-def _grad_norm(params, clip: float) -> torch.Tensor:
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    if clip and clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2) as the ordinary tensor it stands for."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _grad_norm(accelerator, net, clip: float) -> torch.Tensor:
+    """Clip ``net``'s gradients to norm ``clip`` (0: no clipping); returns their norm before clipping. Through
+    accelerate, which under FSDP (shards in FlatParameters or DTensors) reduces the norm over the processes, so
+    it is always the norm of the whole gradient. Pass the prepared network: accelerate matches it by its
+    parameter list."""
+    norm = accelerator.clip_grad_norm_(net.parameters(), clip if clip and clip > 0 else float("inf"))
+    return _plain(norm) if norm is not None else torch.zeros(())
+
+
+def _full_state_dict(net) -> dict:
+    """A prepared network's full state dict, gathered on every process, on its device (FSDP1 and FSDP2 alike).
+    Collective under FSDP: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+
+
+class _FullParams:
+    """What ``AveragedModel.update_parameters`` reads from a model (parameters(), buffers(), in ``like``'s order),
+    taken from a full state dict: the EMA of a sharded generator is updated from its gathered parameters."""
+
+    def __init__(self, like: torch.nn.Module, state: dict):
+        self.like, self.state = like, state
+
+    def parameters(self):
+        return (self.state[n] for n, _ in self.like.named_parameters())
+
+    def buffers(self):  # non-persistent buffers are not in a state dict: constants, left as they are
+        return (self.state.get(n, b) for n, b in self.like.named_buffers())
+
+
+@contextlib.contextmanager
+def _full_params(accelerator, nets):
+    """Inside, every prepared network holds its whole parameters on every process, so that the main process can
+    run one alone (evaluation) while the others wait; outside FSDP it does nothing. Every process enters it.
+    Costs one full copy of each network per process while it lasts."""
+    if not _is_fsdp(accelerator):
+        yield
+        return
+    if accelerator.is_fsdp2:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for net in nets for m in net.modules() if isinstance(m, FSDPModule)]
+        for u in units:  # gather now and keep: forwards on one process must not all-gather again
+            u.unshard()
+            u.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            reshard = accelerator.state.fsdp_plugin.reshard_after_forward  # what accelerate wrapped them with
+            for u in units:
+                u.reshard()
+                u.set_reshard_after_forward(bool(reshard), recurse=False)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # the unwrapped modules then hold the full parameters; the FSDP wrappers must not be called inside
+        with contextlib.ExitStack() as stack:
+            for net in nets:
+                stack.enter_context(FSDP.summon_full_params(net, writeback=False))
+            yield
+
+
+def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
+    """Backpropagate ``micro_loss()`` (draws a micro-batch, returns its loss) ``n_micro`` times, each loss
+    scaled by 1/n_micro, so the gradients are those of the mean over all micro-batches. The networks
+    that get gradients (``nets``, prepared) synchronise across processes only in the last backward: DDP's
+    and FSDP1's no_sync, FSDP2's set_requires_gradient_sync, through ``accelerator.no_sync``. (Not
+    ``accelerator.accumulate``: it counts one global step, and here the critic's and the generator's
+    optimizers step on their own cadences.)"""
+    for i in range(n_micro):
+        with contextlib.ExitStack() as stack:
+            if i < n_micro - 1:
+                for net in nets:
+                    stack.enter_context(accelerator.no_sync(net))
+            loss = micro_loss()
+            accelerator.backward(loss / n_micro if n_micro > 1 else loss)
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -97,41 +196,106 @@ def distill(cfg: DistillConfig) -> dict:
 
     generator, fake_score, disc = task.generator.to(device), task.fake_score.to(device), task.discriminator.to(device)
     teacher = task.teacher.to(device)
+    fsdp = _is_fsdp(accelerator)
+    if fsdp and cfg.compile:
+        raise ValueError("compile=true is not supported under FSDP (it would wrap the compiled module); let "
+                         "accelerate compile instead (accelerate launch --dynamo_backend inductor)")
     if cfg.gradient_checkpointing:
         for net in (generator, fake_score):
             for m in net.modules():
                 if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "config"):
                     m.enable_gradient_checkpointing()
     o = cfg.optim
+    if o.grad_accum < 1:
+        raise ValueError(f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+    A = o.grad_accum
     lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
     kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay)
     if o.fused and torch.cuda.is_available():
         kw["fused"] = True
+    # One AdamW per network (the fake score's and the discriminator's together are the critic's): accelerate's
+    # FSDP2 prepares one model with its optimizer at a time. AdamW acts per parameter, so this is the same
+    # update as one optimizer over both, and checkpoints store the two as one 'critic' optimizer.
     opt_g = torch.optim.AdamW(generator.parameters(), lr=o.lr_gen, **kw)
-    critic_params = list(fake_score.parameters()) + list(disc.parameters())
-    opt_c = torch.optim.AdamW(critic_params, lr=lr_c, **kw)
+    opt_f = torch.optim.AdamW(fake_score.parameters(), lr=lr_c, **kw)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=lr_c, **kw)
+    # Parameter names in the optimizers' order, taken before any wrapper renames them: under FSDP the optimizer
+    # state is gathered by name and stored by index, as a plain optimizer's.
+    names = {key: [n for n, _ in net.named_parameters()]
+             for key, net in (("gen", generator), ("fake", fake_score), ("disc", disc))}
+    # EMAs are full copies (on every process, also under FSDP, where they are updated from the gathered
+    # generator): one generator's worth of memory per decay and process.
     emas = {f"ema_{d:g}": AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
             for d in cfg.ema}
+    # Under FSDP evaluations see the current generator as a plain copy on the main process (kept on the CPU in
+    # between): a sharded module cannot run on one process alone, and FSDP1's nested units cannot even inside
+    # summon_full_params.
+    eval_gen = copy.deepcopy(generator).cpu() if fsdp and is_main and task.evaluate is not None else None
+
+    state = {"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world}
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is not None:
+        # Weights go into the plain modules before accelerate wraps (and under FSDP shards) them; the optimizer
+        # states and random streams after, once the optimizers hold the prepared parameters.
+        meta = ckpt.read_meta(last, world)
+        for name, m in {"generator": generator, "fake_score": fake_score, "discriminator": disc, "ratio": ratio,
+                        **emas}.items():
+            ckpt.load_module(m, last / f"{name}.safetensors")
+        state.update({k: meta[k] for k in ("iteration", "gen_step", "images_seen")})
+
     if cfg.compile:
         generator, fake_score = torch.compile(generator), torch.compile(fake_score)
-    generator, fake_score, disc, opt_g, opt_c = accelerator.prepare(generator, fake_score, disc, opt_g, opt_c)
+    generator, opt_g = accelerator.prepare(generator, opt_g)
+    fake_score, opt_f = accelerator.prepare(fake_score, opt_f)
+    disc, opt_d = accelerator.prepare(disc, opt_d)
+    nets = {"generator": generator, "fake_score": fake_score, "discriminator": disc}
 
     objective = FDistill(generator, teacher, fake_score, disc, divergence, ratio, task.schedule, cfg.objective,
                          oracle_log_ratio=task.oracle_log_ratio, use_oracle_weights=cfg.ratio == "oracle")
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
 
-    def modules():
-        m = {"generator": unwrap(generator), "fake_score": unwrap(fake_score), "discriminator": unwrap(disc),
-             "ratio": ratio}
-        m.update(emas)
-        return m
+    # (name in the checkpoint, prepared network, its optimizer, parameter names)
+    optim_parts = {"gen": [(generator, opt_g, names["gen"])],
+                   "critic": [(fake_score, opt_f, names["fake"]), (disc, opt_d, names["disc"])]}
 
-    optimizers = {"gen": opt_g, "critic": opt_c}
-    state = {"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world}
-    last = ckpt.latest_checkpoint(run_dir)
+    def optimizer_states() -> dict:
+        """name -> full optimizer state dict on the main process (collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        # Gathered to the main process's CPU. On a CPU device FSDP1 relies on .cpu() to copy each state out of
+        # one reused gather buffer (a no-op there, so exp_avg came back equal to exp_avg_sq): gather to every
+        # process instead, where it clones.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=device.type != "cpu")
+        out = {}
+        for key, parts in optim_parts.items():
+            sds = []
+            for net, opt, pnames in parts:
+                if fsdp:
+                    sd = get_optimizer_state_dict(net, opt.optimizer, options=options)
+                    sds.append(ckpt.optim_state_by_index(sd, pnames) if is_main else None)
+                else:
+                    sds.append(opt.state_dict())
+            out[key] = ckpt.merge_optim_states(sds) if is_main else None
+        return out
+
+    def load_optimizers(folder: Path):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        for key, parts in optim_parts.items():
+            sds = ckpt.split_optim_state(ckpt.read_optimizer(folder, key), [len(p[2]) for p in parts])
+            for (net, opt, pnames), sd in zip(parts, sds):
+                if fsdp:  # every process reads the full state; each keeps its shard
+                    set_optimizer_state_dict(net, opt.optimizer, ckpt.optim_state_by_name(sd, pnames),
+                                             options=StateDictOptions(full_state_dict=True))
+                else:
+                    opt.load_state_dict(sd)
+
+    def full_generator_state() -> dict:
+        return _full_state_dict(generator) if fsdp else unwrap(generator).state_dict()
+
     if last is not None:
-        meta = ckpt.load_checkpoint(last, modules(), optimizers, rank, world, rng)
-        state.update({k: meta[k] for k in ("iteration", "gen_step", "images_seen")})
+        load_optimizers(last)
+        ckpt.load_rng(last, rank, rng)
         accelerator.print(f"resumed from {last} at generator step {state['gen_step']}")
 
     B, k = cfg.batch_size, max(1, cfg.schedule.critic_per_gen)
@@ -144,31 +308,44 @@ def distill(cfg: DistillConfig) -> dict:
         for key, v in logs.items():
             log_buf.setdefault(key, []).append(v.detach().float().reshape(()))
 
-    def critic_update():
+    def critic_micro():
         z = unwrap(generator).sample_latents(B, rng, device)
         cond = task.sample_cond(B, rng, device)
         x_real, cond_real = task.sample_real(B, rng, device)
         with accelerator.autocast():
             loss, logs = objective.critic_loss(z, cond, x_real, cond_real, rng)
-        opt_c.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        logs["grad_norm_fake"] = _grad_norm(fake_score.parameters(), o.grad_clip)
-        logs["grad_norm_disc"] = _grad_norm(disc.parameters(), o.grad_clip)
-        opt_c.step()
         record(logs)
+        return loss
 
-    def generator_update():
+    def generator_micro():
         z = unwrap(generator).sample_latents(B, rng, device)
         cond = task.sample_cond(B, rng, device)
         with accelerator.autocast():
             loss, logs = objective.generator_loss(z, cond, rng)
-        opt_g.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        logs["grad_norm_gen"] = _grad_norm(generator.parameters(), o.grad_clip)
-        opt_g.step()
-        for ema in emas.values():
-            ema.update_parameters(unwrap(generator))
         record(logs)
+        return loss
+
+    def critic_update():
+        opt_f.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        accumulate_gradients(accelerator, nets.values(), A, critic_micro)
+        record({"grad_norm_fake": _grad_norm(accelerator, fake_score, o.grad_clip),
+                "grad_norm_disc": _grad_norm(accelerator, disc, o.grad_clip)})
+        opt_f.step()
+        opt_d.step()
+
+    def generator_update():
+        opt_g.zero_grad(set_to_none=True)
+        # the discriminator (and with disc_features=fake the fake score) gets gradients here too; they are
+        # dropped by the critic's zero_grad, but their synchronisation is held back as well
+        accumulate_gradients(accelerator, nets.values(), A, generator_micro)
+        record({"grad_norm_gen": _grad_norm(accelerator, generator, o.grad_clip)})
+        opt_g.step()
+        if emas:  # under FSDP from the gathered generator: a transient full copy on every process
+            src = _FullParams(next(iter(emas.values())).module, _full_state_dict(generator)) if fsdp \
+                else unwrap(generator)
+            for ema in emas.values():
+                ema.update_parameters(src)
 
     def save():
         tmp = run_dir / f"ckpt-{state['gen_step']:08d}.tmp"
@@ -176,11 +353,34 @@ def distill(cfg: DistillConfig) -> dict:
             ckpt.begin_checkpoint(run_dir, state["gen_step"])
         accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, rank, rng)
+        # FSDP: gathered to full tensors on the main process (collective); otherwise the live modules
+        weights = {name: accelerator.get_state_dict(net) if fsdp else unwrap(net) for name, net in nets.items()}
+        optims = optimizer_states()
         accelerator.wait_for_everyone()
         if is_main:
-            ckpt.finish_checkpoint(tmp, modules(), optimizers, {**state, "config": to_dict(cfg)},
-                                   cfg.log.keep_ckpts)
+            ckpt.finish_checkpoint(tmp, {**weights, "ratio": ratio, **emas}, optims,
+                                   {**state, "config": to_dict(cfg)}, cfg.log.keep_ckpts)
         accelerator.wait_for_everyone()
+
+    def evaluate(gen, final: bool, step: int):
+        """The task's evaluation of ``gen`` (None: the current generator) on the main process. Under FSDP the
+        current generator is the plain copy loaded with the gathered weights, and the prepared networks, which
+        a pipeline may call through its own references (the toy's calibration report), hold their full
+        parameters meanwhile."""
+        if fsdp and gen is None:
+            weights = accelerator.get_state_dict(generator)  # collective; full on the main process
+            if is_main:
+                eval_gen.load_state_dict(weights)
+                gen = eval_gen.to(device)
+        metrics = None
+        with _full_params(accelerator, nets.values()):
+            if is_main:
+                metrics = task.evaluate(gen if gen is not None else unwrap(generator), run_dir, final=final,
+                                        step=step)
+            accelerator.wait_for_everyone()
+        if eval_gen is not None:
+            eval_gen.cpu()
+        return metrics
 
     pbar = None
     if is_main and cfg.log.progress:
@@ -204,7 +404,7 @@ def distill(cfg: DistillConfig) -> dict:
         if do_gen:
             generator_update()
             state["gen_step"] += 1
-            state["images_seen"] += B * world
+            state["images_seen"] += B * world * A
         state["iteration"] += 1
         if not do_gen:
             continue
@@ -225,8 +425,8 @@ def distill(cfg: DistillConfig) -> dict:
                                       if key in row and math.isfinite(row[key])})
         if pbar is not None:
             pbar.update(1)
-        if cfg.log.sample_every and step % cfg.log.sample_every == 0 and is_main and task.evaluate is not None:
-            task.evaluate(unwrap(generator), run_dir, final=False, step=step)
+        if cfg.log.sample_every and step % cfg.log.sample_every == 0 and task.evaluate is not None:
+            evaluate(None, final=False, step=step)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
         if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
@@ -238,13 +438,14 @@ def distill(cfg: DistillConfig) -> dict:
     if os.environ.get("FDISTILL_TEST_DUMP_RANKS"):  # tests: every process's final generator, to compare ranks
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in unwrap(generator).state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in full_generator_state().items()},
                   str(run_dir / f"rank{rank}_generator.safetensors"))
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
               "sec_per_gen_step": elapsed / max(1, state["gen_step"] - steps_at_t0)}
-    if is_main and task.evaluate is not None:
-        final_gen = next(iter(emas.values())).module if emas else unwrap(generator)
-        metrics = task.evaluate(final_gen, run_dir, final=True, step=state["gen_step"])
+    metrics = None
+    if task.evaluate is not None:
+        metrics = evaluate(next(iter(emas.values())).module if emas else None, final=True, step=state["gen_step"])
+    if is_main and metrics is not None:
         result.update(metrics)
         result["evaluated"] = next(iter(emas)) if emas else "generator"
         result["divergence"] = divergence.name
