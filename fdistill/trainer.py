@@ -87,12 +87,18 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_norm(accelerator, net, clip: float) -> torch.Tensor:
-    """Clip ``net``'s gradients to norm ``clip`` (0: no clipping); returns their norm before clipping. Through
-    accelerate, which under FSDP (shards in FlatParameters or DTensors) reduces the norm over the processes, so
-    it is always the norm of the whole gradient. Pass the prepared network: accelerate matches it by its
-    parameter list."""
-    norm = accelerator.clip_grad_norm_(net.parameters(), clip if clip and clip > 0 else float("inf"))
-    return _plain(norm) if norm is not None else torch.zeros(())
+    """Clip the prepared ``net``'s gradients to norm ``clip`` (0: no clipping); returns the norm of the whole
+    gradient before clipping, also under FSDP, where each process holds shards."""
+    max_norm = clip if clip and clip > 0 else float("inf")
+    if not _is_fsdp(accelerator):
+        norm = accelerator.clip_grad_norm_(net.parameters(), max_norm)
+    # Under FSDP, what accelerator.clip_grad_norm_ calls, without its search for the model: it compares
+    # parameter lists with ==, which raises for two models of one architecture (generator and fake score).
+    elif accelerator.is_fsdp2:
+        norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), max_norm)  # DTensor grads: global norm
+    else:
+        norm = net.clip_grad_norm_(max_norm)  # FSDP1's own: reduced over the shards
+    return _plain(norm)
 
 
 def _full_state_dict(net) -> dict:
@@ -147,6 +153,22 @@ def _full_params(accelerator, nets):
             for net in nets:
                 stack.enter_context(FSDP.summon_full_params(net, writeback=False))
             yield
+
+
+def _prepare(accelerator, net, opt):
+    """accelerator.prepare(net, opt). FSDP2 looks the transformer-wrap classes up in each model and refuses a
+    model that lacks one; the networks differ (the discriminator head has no UNet blocks), so each is wrapped
+    at those of the classes it has (none: one unit)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if _is_fsdp(accelerator) else None
+    classes = getattr(plugin, "transformer_cls_names_to_wrap", None) if accelerator.is_fsdp2 else None
+    if not classes:
+        return accelerator.prepare(net, opt)
+    present = {type(m).__name__ for m in net.modules()}
+    plugin.transformer_cls_names_to_wrap = [c for c in classes if c in present]
+    try:
+        return accelerator.prepare(net, opt)
+    finally:
+        plugin.transformer_cls_names_to_wrap = classes
 
 
 def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
@@ -245,9 +267,9 @@ def distill(cfg: DistillConfig) -> dict:
 
     if cfg.compile:
         generator, fake_score = torch.compile(generator), torch.compile(fake_score)
-    generator, opt_g = accelerator.prepare(generator, opt_g)
-    fake_score, opt_f = accelerator.prepare(fake_score, opt_f)
-    disc, opt_d = accelerator.prepare(disc, opt_d)
+    generator, opt_g = _prepare(accelerator, generator, opt_g)
+    fake_score, opt_f = _prepare(accelerator, fake_score, opt_f)
+    disc, opt_d = _prepare(accelerator, disc, opt_d)
     nets = {"generator": generator, "fake_score": fake_score, "discriminator": disc}
 
     objective = FDistill(generator, teacher, fake_score, disc, divergence, ratio, task.schedule, cfg.objective,

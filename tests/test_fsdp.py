@@ -2,9 +2,10 @@
 and checkpoints that are plain full state dicts a single process loads.
 
 accelerate turns FSDP on only for accelerators; tests/fsdp_cpu_distill.py switches its state to FSDP on CPU (see
-there), after which the trainer runs accelerate's FSDP1 / FSDP2 code paths unchanged. FSDP1 runs without an
-auto-wrap policy: the toy's final evaluation calls its own references to the networks, which FSDP1's nested
-units do not allow on one process (README, FSDP section); FSDP2 wraps every Linear as its own unit.
+there), after which the trainer runs accelerate's FSDP1 / FSDP2 code paths unchanged. On the toy, FSDP1 runs
+without an auto-wrap policy: the toy's final evaluation calls its own references to the networks, which FSDP1's
+nested units do not allow on one process (README, FSDP section); FSDP2 wraps every Linear and the fake score's
+MLPBackbone as units. The MNIST pipeline (two copies of one UNet) runs FSDP1 with nested units.
 
 The runs clip (grad_clip below the gradient norms) and accumulate two micro-batches, so the global gradient
 norm and no_sync are both exercised. DDP and FSDP agree to float rounding (the norms are summed in another
@@ -31,15 +32,16 @@ NAMES = ("generator", "fake_score", "discriminator", "ema_0.99", "ratio", "optim
 # FSDP1: accelerate's sync_module_states and cpu_ram_efficient_loading need an accelerator device. FSDP2:
 # cpu_ram_efficient_loading breaks on a parameter held by the root module (the toy's anchors) in accelerate 1.15.
 FSDP = {1: ["--fsdp_version", "1", "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"],
+        # MLPBackbone is only in the fake score: each network is wrapped at the classes it has
         2: ["--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false", "--fsdp_auto_wrap_policy",
-            "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "Linear"]}
+            "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "Linear,MLPBackbone"]}
 
 
-def _launch(out, version=None, kill_at=None):
-    mode = ["--use_fsdp", *FSDP[version]] if version else ["--multi_gpu"]
+def _launch(out, version=None, kill_at=None, fsdp_args=None, config="configs/toy2d.yaml", args=ARGS):
+    mode = ["--use_fsdp", *(fsdp_args or FSDP[version])] if version else ["--multi_gpu"]
     script = "tests/fsdp_cpu_distill.py" if version else "train/distill.py"
     cmd = [ACCELERATE, "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(ROOT / script), str(ROOT / "configs/toy2d.yaml"), f"out={out}", *ARGS]
+           "--dynamo_backend", "no", str(ROOT / script), str(ROOT / config), f"out={out}", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FDISTILL_TEST_DUMP_RANKS="1")
     if kill_at is not None:
         env["FDISTILL_TEST_KILL_AT_STEP"] = str(kill_at)
@@ -109,7 +111,7 @@ def test_fsdp_trains_as_ddp_resumes_exactly_and_saves_full_tensors(tmp_path, ddp
     from torch.optim.swa_utils import AveragedModel
 
     from fdistill import checkpoint as ckpt
-    from fdistill.config import from_dict, DistillConfig
+    from fdistill.config import DistillConfig, from_dict
     from fdistill.pipelines import build_task
 
     folder = a / f"ckpt-{STEPS:08d}"
@@ -129,3 +131,35 @@ def test_fsdp_trains_as_ddp_resumes_exactly_and_saves_full_tensors(tmp_path, ddp
     with torch.no_grad():
         x = ema.module(task.generator.sample_latents(8, torch.Generator().manual_seed(0)))
     assert x.shape == (8, 2) and torch.isfinite(x).all()
+
+
+def test_unet_pipeline_under_fsdp1_with_nested_units_is_ddp(tmp_path):
+    """Generator and fake score are two copies of one UNet (accelerate's clip_grad_norm_ cannot tell them
+    apart); FSDP1 wraps every ResnetBlock2D and Attention as its own unit (evaluation then runs on a plain
+    copy). Without clipping this is DDP bit for bit."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=8, num_class_embeds=10, attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0,
+                resnet_time_scale_shift="scale_shift").save_pretrained(teacher)
+    (teacher / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5, "resolution": 16}))
+    args = [f"teacher={teacher}", "steps=2", "batch_size=2", "optim.grad_clip=0", "task.eval_samples=0",
+            "task.grid_samples=4", "log.every=1", "log.sample_every=1", "log.progress=false"]
+    fsdp1 = ["--fsdp_version", "1", "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false",
+             "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
+             "ResnetBlock2D,Attention"]
+    runs = {}
+    for name, version in (("ddp", None), ("fsdp1", 1)):
+        runs[name] = tmp_path / name
+        r = _launch(runs[name], version, fsdp_args=fsdp1, config="configs/mnist.yaml", args=args)
+        assert r.returncode == 0, r.stderr[-4000:]
+    assert (runs["fsdp1"] / "samples_000001.png").is_file() and (runs["fsdp1"] / "metrics.json").is_file()
+    for f in ["rank0_generator", "rank1_generator"] + [f"ckpt-00000002/{n}" for n in NAMES if n != "ema_0.99"] + \
+            ["ckpt-00000002/ema_0.95"]:
+        x, y = (load_file(str(runs[name] / f"{f}.safetensors")) for name in ("ddp", "fsdp1"))
+        assert x.keys() == y.keys(), f
+        for k in x:
+            assert torch.equal(x[k], y[k]), (f, k)
