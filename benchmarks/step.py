@@ -353,7 +353,10 @@ class Runner:
         from fdistill.divergences import get_divergence
         from fdistill.objective import FDistill
         from fdistill.ratio import RatioNormalizer
-        from fdistill.trainer import _grad_norm
+
+        def _grad_norm(params, clip):
+            # what the trainer's clipping (accelerator.clip_grad_norm_) does in one process
+            return torch.nn.utils.clip_grad_norm_(list(params), clip if clip and clip > 0 else float("inf"))
 
         self._grad_norm = _grad_norm
         self.task, self.cfg, self.device, self.a = task, cfg, device, a
