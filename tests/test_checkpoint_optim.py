@@ -97,3 +97,21 @@ def test_states_that_share_memory_are_saved(tmp_path):
     ckpt.save_optimizer(sd, tmp_path, "x")
     back = ckpt.read_optimizer(tmp_path, "x")
     assert torch.equal(back["state"][0]["exp_avg_sq"], buf[4:].view(2, 2))
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
+    import json
+
+    import pytest
+
+    from fdistill.config import DistillConfig, to_dict
+    from fdistill.trainer import _check_resume_config
+
+    saved = to_dict(DistillConfig())
+    del saved["optim"]["grad_accum"]  # as written before optim.grad_accum was added
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_resume_config(tmp_path, DistillConfig())  # the new field at its default: same run
+    cfg = DistillConfig()
+    cfg.optim.grad_accum = 2
+    with pytest.raises(ValueError, match="optim"):
+        _check_resume_config(tmp_path, cfg)
