@@ -5,10 +5,13 @@ Every network the algorithm touches is a denoiser in EDM's variance-exploding fo
     x0_hat          = denoiser(x_t, sigma, cond)
     feats           = denoiser(x_t, sigma, cond, mode="features")   # encoder bottleneck; stops there
     x0_hat, feats   = denoiser(x_t, sigma, cond, mode="both")       # one pass gives both
+    x0_hat, feats   = denoiser(..., mode="both", x0_grad=False)      # gradients only through feats
 
 ``mode`` goes through ``forward`` so that a DistributedDataParallel wrapper sees every call.
 Features are read with forward hooks on named submodules (``feature_modules``, default the UNet's mid block);
-with ``mode="features"`` the pass is cut short right after the last of them, so the decoder never runs.
+with ``mode="features"`` the pass is cut short right after the last of them, so the decoder never runs. With
+``x0_grad=False`` the decoder runs without recording a graph: the generator iteration needs x0 only as a
+constant, and the decoder's saved activations are then never kept (memory, not compute).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Denoiser(nn.Module):
         self.feature_modules = list(feature_modules)
         self._capture: list | None = None
         self._stop_after_features = False
+        self._nograd_after_features = False
         self.calls = {"x0": 0, "features": 0, "both": 0}
         if backbone is not None:
             mods = dict(backbone.named_modules())
@@ -61,8 +65,11 @@ class Denoiser(nn.Module):
             if isinstance(out, (tuple, list)):  # down blocks return (hidden, residuals)
                 out = out[0]
             self._capture[i] = out
-            if self._stop_after_features and all(c is not None for c in self._capture):
-                raise _StopForward
+            if all(c is not None for c in self._capture):
+                if self._stop_after_features:
+                    raise _StopForward
+                if self._nograd_after_features:
+                    torch.set_grad_enabled(False)  # the rest of the pass (decoder) records no graph
         return hook
 
     # --- to implement -------------------------------------------------------------------------------------
@@ -74,7 +81,7 @@ class Denoiser(nn.Module):
         return sigma
 
     # --- the contract ---------------------------------------------------------------------------------------
-    def forward(self, x_t, sigma, cond=None, mode: str = "x0"):
+    def forward(self, x_t, sigma, cond=None, mode: str = "x0", x0_grad: bool = True):
         if mode not in self.calls:
             raise ValueError(f"mode must be one of {list(self.calls)}, got {mode!r}")
         self.calls[mode] += 1
@@ -84,6 +91,8 @@ class Denoiser(nn.Module):
             raise RuntimeError(f"{type(self).__name__} has no feature modules configured")
         self._capture = [None] * len(self.feature_modules)
         self._stop_after_features = mode == "features"
+        self._nograd_after_features = mode == "both" and not x0_grad
+        grad_was = torch.is_grad_enabled()
         # Hooks live only for this call: a deep copy of this denoiser (generator and fake score start as
         # copies of the teacher) must not inherit hooks that write into the original.
         mods = dict(self.backbone.named_modules())
@@ -95,10 +104,11 @@ class Denoiser(nn.Module):
                 x0 = None
             feats = list(self._capture)
         finally:
+            torch.set_grad_enabled(grad_was)
             for h in handles:
                 h.remove()
             self._capture = None
-            self._stop_after_features = False
+            self._stop_after_features = self._nograd_after_features = False
         if any(f is None for f in feats):
             raise RuntimeError("a feature module did not run during the forward pass")
         feats = [f.float() for f in feats]

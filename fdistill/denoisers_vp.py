@@ -102,7 +102,7 @@ class VPUNetDenoiser(Denoiser):
             return scale ** 2 * x_t.float() - s * scale * out
         return out
 
-    def forward(self, x_t, sigma, cond=None, mode: str = "x0"):
+    def forward(self, x_t, sigma, cond=None, mode: str = "x0", x0_grad: bool = True):
         # R1 differentiates the discriminator's features twice w.r.t. the real input; the fused SDPA kernels
         # (flash / memory-efficient) have no double backward, so that pass uses the math kernel. Only a features
         # pass of a frozen net whose input requires grad is such a pass (the generator's pass is mode='both').
@@ -111,7 +111,7 @@ class VPUNetDenoiser(Denoiser):
         else:
             ctx = contextlib.nullcontext()
         with ctx:
-            return super().forward(x_t, sigma, cond, mode)
+            return super().forward(x_t, sigma, cond, mode, x0_grad)
 
 
 def _math_sdpa():
@@ -169,18 +169,18 @@ class CFGDenoiser(Denoiser):
     def denoise(self, x_t, sigma, cond=None):
         return self.forward(x_t, sigma, cond, "x0")
 
-    def forward(self, x_t, sigma, cond=None, mode: str = "x0"):
+    def forward(self, x_t, sigma, cond=None, mode: str = "x0", x0_grad: bool = True):
         if mode not in self.calls:
             raise ValueError(f"mode must be one of {list(self.calls)}, got {mode!r}")
         self.calls[mode] += 1
         w = self.guidance_scale
         if mode == "features" or w == 1.0:
-            return self.inner(x_t, sigma, cond, mode=mode)
+            return self.inner(x_t, sigma, cond, mode=mode, x0_grad=x0_grad)
         n = x_t.shape[0]
         s = as_sigma(sigma, x_t).reshape(-1)
         c = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
         both = _cat(c, self.uncond(n))
-        out = self.inner(torch.cat([x_t, x_t]), torch.cat([s, s]), both, mode=mode)
+        out = self.inner(torch.cat([x_t, x_t]), torch.cat([s, s]), both, mode=mode, x0_grad=x0_grad)
         x0, feats = (out, None) if mode == "x0" else out
         x0_c, x0_u = x0[:n], x0[n:]
         guided = x0_c + (w - 1.0) * (x0_c - x0_u)

@@ -117,13 +117,14 @@ class FDistill(nn.Module):
         sigma = self.schedule.sample_dm(n, rng, x.device)
         x_t, _ = self._noise(x, sigma, rng)
         if cfg.disc_features == "teacher":
-            x0_real, feats = self.teacher(x_t, sigma, cond, mode="both")  # gradients reach x_t through feats
+            # gradients reach x_t through feats only; x0_real is a constant (its decoder keeps no graph)
+            x0_real, feats = self.teacher(x_t, sigma, cond, mode="both", x0_grad=False)
             with torch.no_grad():
                 x0_fake = self.fake_score(x_t.detach(), sigma, cond)
         else:
             with torch.no_grad():
                 x0_real = self.teacher(x_t.detach(), sigma, cond)
-            x0_fake, feats = self.fake_score(x_t, sigma, cond, mode="both")
+            x0_fake, feats = self.fake_score(x_t, sigma, cond, mode="both", x0_grad=False)
         logit = self.discriminator(feats).float()
         oracle = None
         if self.oracle_log_ratio is not None and self.use_oracle_weights:

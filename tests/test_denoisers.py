@@ -63,6 +63,47 @@ def test_features_are_the_mid_block_output_and_stop_early():
         den(x, sigma, y, mode="bottleneck")
 
 
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while fn runs."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def test_both_without_x0_grad_keeps_no_decoder_graph():
+    den = freeze(EDMPrecondUNet(tiny_unet()))
+    x, sigma, y = torch.randn(4, 1, 16, 16), torch.tensor([0.1, 0.5, 3.0, 20.0]), torch.tensor([0, 1, 2, 3])
+    w = torch.randn(1, 64, 8, 8)
+
+    def run(x0_grad):
+        xi = x.clone().requires_grad_(True)
+        (x0, feats), saved = _saved_bytes(lambda: den(xi, sigma, y, mode="both", x0_grad=x0_grad))
+        (feats[0] * w).sum().backward()
+        return x0, feats[0], xi.grad, saved
+
+    x0_a, f_a, g_a, saved_a = run(True)
+    assert torch.is_grad_enabled()
+    x0_b, f_b, g_b, saved_b = run(False)
+    assert torch.is_grad_enabled()  # grad mode restored after the pass
+    assert x0_a.requires_grad and not x0_b.requires_grad
+    torch.testing.assert_close(x0_b, x0_a.detach())
+    torch.testing.assert_close(f_b, f_a)
+    torch.testing.assert_close(g_b, g_a)  # the features' gradient is untouched
+    # the encoder's activations are still saved, the decoder's are not
+    feats_only = _saved_bytes(lambda: den(x.clone().requires_grad_(True), sigma, y, mode="features"))[1]
+    assert saved_b == feats_only < saved_a
+    # restored even when the pass fails
+    with pytest.raises(Exception):
+        den(x[:, :, :7], sigma, y, mode="both", x0_grad=False)
+    assert torch.is_grad_enabled()
+
+
 def _objective(disc_features="teacher"):
     teacher = freeze(EDMPrecondUNet(tiny_unet()))
     gen = OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), 80.0, (1, 16, 16))

@@ -102,7 +102,7 @@ class GMMDenoiser(Denoiser):
         c_in = 1 / (s ** 2 + self.feature_scale ** 2).sqrt()
         return [torch.cat([x_t * c_in, s.log() / 4], dim=1)]
 
-    def forward(self, x_t, sigma, cond=None, mode="x0"):
+    def forward(self, x_t, sigma, cond=None, mode="x0", x0_grad=True):
         self.calls[mode] += 1
         if mode == "x0":
             return self.denoise(x_t, sigma)
