@@ -265,11 +265,15 @@ def generator_state_dict(ckpt: Path, name: str) -> dict:
     return out
 
 
-def generator_spec(cfg: dict, teacher: str | None = None) -> dict:
-    """What rebuilds an EDM run's generator: the teacher's UNet2DModel config, sigma_data and the generator's
-    noise level, from the run's config and its teacher folder (``teacher`` overrides the config's)."""
+def generator_spec(cfg: dict, teacher: str | None = None, meta: dict | None = None) -> dict:
+    """What rebuilds an EDM run's generator: its UNet2DModel config, sigma_data and the generator's noise level.
+    Checkpoints keep it (``meta["generator_spec"]``); older ones are read from the run's config and its teacher
+    folder. ``teacher`` overrides both: the spec is then the one of that folder."""
     from diffusers import UNet2DModel
 
+    stored = (meta or {}).get("generator_spec")
+    if stored and not teacher:
+        return {**stored, "teacher": cfg.get("teacher") or "(spec stored in the checkpoint)"}
     pipeline = cfg.get("pipeline")
     if pipeline not in EDM_PIPELINES:
         raise ValueError(f"pipeline {pipeline!r} has no EDM pixel generator to rebuild (these do: "
@@ -315,7 +319,7 @@ def pipeline_from_checkpoint(source: str | os.PathLike, which: str = "ema", teac
     ckpt = resolve_checkpoint(source)
     meta = checkpoint_meta(ckpt)
     cfg = meta.get("config") or {}
-    spec = generator_spec(cfg, teacher)
+    spec = generator_spec(cfg, teacher, meta)
     name = weights_name(ckpt, which, cfg)
     sd = generator_state_dict(ckpt, name)
     unet = UNet2DModel.from_config(spec["unet_config"])
@@ -442,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Stable Diffusion runs (coco_t2i) -> a stock StableDiffusionPipeline folder:\n"
                     "    StableDiffusionPipeline.from_pretrained(OUT)(prompt, num_inference_steps=1, "
                     "guidance_scale=1.0)\n\n"
-                    "The generator's UNet config is the teacher's: the teacher folder named in the run's\n"
-                    "config must still exist (or pass --teacher).")
+                    "The generator's UNet config is stored in the checkpoint; checkpoints written before\n"
+                    "it was need the teacher folder named in the run's config (or pass --teacher).")
     p.add_argument("source", help="run directory (its newest checkpoint) or a ckpt-<step> folder")
     p.add_argument("out", help="output folder (written to a temporary folder, then renamed)")
     p.add_argument("--which", default="ema", help="weights: 'ema' (default: the run's first EMA, or the raw "

@@ -369,6 +369,9 @@ def distill(cfg: DistillConfig) -> dict:
             for ema in emas.values():
                 ema.update_parameters(src)
 
+    # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
+    spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
+
     def save():
         tmp = run_dir / f"ckpt-{state['gen_step']:08d}.tmp"
         if is_main:
@@ -381,7 +384,7 @@ def distill(cfg: DistillConfig) -> dict:
         accelerator.wait_for_everyone()
         if is_main:
             ckpt.finish_checkpoint(tmp, {**weights, "ratio": ratio, **emas}, optims,
-                                   {**state, "config": to_dict(cfg)}, cfg.log.keep_ckpts)
+                                   {**state, "config": to_dict(cfg), **spec}, cfg.log.keep_ckpts)
         accelerator.wait_for_everyone()
 
     def evaluate(gen, final: bool, step: int):

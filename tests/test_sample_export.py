@@ -297,6 +297,29 @@ def test_unconditional_pipeline_round_trip(tmp_path):
         pipe(class_labels=[1], seeds=[0])
 
 
+def test_checkpoint_keeps_the_generator_spec_so_export_needs_no_teacher(image_run, tmp_path):
+    import shutil
+
+    from fdistill.export import pipeline_from_checkpoint
+
+    ckpts = sorted(image_run.glob("ckpt-*"))
+    meta = json.loads((ckpts[-1] / "meta.json").read_text())
+    spec = meta["generator_spec"]
+    assert spec["pipeline"] == "image" and spec["sigma_max"] == 40.0 and spec["sigma_data"] == 0.5
+    assert spec["unet_config"]["block_out_channels"] == [32, 64]
+    # the run moved to a machine without the teacher folder
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpts[-1], moved / ckpts[-1].name)
+    meta["config"]["teacher"] = str(tmp_path / "gone")
+    (moved / ckpts[-1].name / "meta.json").write_text(json.dumps(meta))
+    a, b = pipeline_from_checkpoint(image_run), pipeline_from_checkpoint(moved)
+    assert a.scheduler.config.sigma_max == b.scheduler.config.sigma_max == 40.0
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.unet.config == b.unet.config
+    assert cli(["export", str(moved), str(tmp_path / "out")]) == 0
+
+
 def test_export_mnist_generator_weights_and_force(mnist_run, tmp_path, capsys):
     from fdistill.export import OneStepPipeline
 

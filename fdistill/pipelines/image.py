@@ -18,6 +18,7 @@ networks from a previous run's checkpoint (the fine-tune stage of the ImageNet-6
 from __future__ import annotations
 
 import copy
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,6 +112,12 @@ def _trainable_copy(unet: nn.Module, dropout: float) -> nn.Module:
     return net
 
 
+def _json_config(unet: nn.Module) -> dict:
+    """A diffusers model's config as plain JSON types (tuples become lists; from_config accepts either), without
+    the private keys (``_name_or_path`` is where it was loaded from, not what it is)."""
+    return json.loads(json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}))
+
+
 def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, resolution: int, channels: int,
              num_classes: int) -> Task:
     """Teacher, trainable copies, discriminator, schedule, real data and conditioning around a UNet2DModel.
@@ -187,7 +194,10 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
                 sample_cond=sample_cond, sample_real=sample_real, evaluate=evaluate, sigma_data=sigma_data,
                 info={"resolution": resolution, "channels": channels, "num_classes": num_classes,
                       "dataset_size": len(dataset), "feature_shapes": [tuple(f.shape[1:]) for f in probe],
-                      "init_from": t["init_from"]})
+                      "init_from": t["init_from"],
+                      # what export needs to rebuild the generator without the teacher folder (checkpoints keep it)
+                      "generator_spec": {"pipeline": cfg.pipeline, "unet_config": _json_config(gen_unet),
+                                         "sigma_data": float(sigma_data), "sigma_max": float(sigma_gen)}})
 
 
 def _schedule(n) -> NoiseSchedule:
