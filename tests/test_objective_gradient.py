@@ -39,7 +39,7 @@ class GaussDenoiser(Denoiser):
         m, v = self.mean_fn(), self.var_fn()
         return m + v / (v + sigma ** 2) * (x_t - m)
 
-    def forward(self, x_t, sigma, cond=None, mode="x0"):
+    def forward(self, x_t, sigma, cond=None, mode="x0", x0_grad=True):
         self.calls[mode] += 1
         s = torch.as_tensor(sigma).reshape(-1, 1)
         x0 = self.denoise(x_t, s)
