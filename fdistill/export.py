@@ -273,7 +273,7 @@ def generator_spec(cfg: dict, teacher: str | None = None, meta: dict | None = No
 
     stored = (meta or {}).get("generator_spec")
     if stored and not teacher:
-        return {**stored, "teacher": cfg.get("teacher") or "(spec stored in the checkpoint)"}
+        return {**stored, "teacher": cfg.get("teacher") or "(not needed)", "from": "checkpoint"}
     pipeline = cfg.get("pipeline")
     if pipeline not in EDM_PIPELINES:
         raise ValueError(f"pipeline {pipeline!r} has no EDM pixel generator to rebuild (these do: "
@@ -305,7 +305,7 @@ def generator_spec(cfg: dict, teacher: str | None = None, meta: dict | None = No
     if pipeline != "mnist" and "dropout" in unet_config and task.get("dropout") is not None:
         unet_config["dropout"] = float(task["dropout"])  # what the trainable copy was built with
     return {"pipeline": pipeline, "teacher": str(tdir), "unet_config": unet_config,
-            "sigma_data": float(precond.get("sigma_data", 0.5)), "sigma_max": float(sigma)}
+            "sigma_data": float(precond.get("sigma_data", 0.5)), "sigma_max": float(sigma), "from": "teacher"}
 
 
 def pipeline_from_checkpoint(source: str | os.PathLike, which: str = "ema", teacher: str | None = None):
@@ -323,17 +323,22 @@ def pipeline_from_checkpoint(source: str | os.PathLike, which: str = "ema", teac
     name = weights_name(ckpt, which, cfg)
     sd = generator_state_dict(ckpt, name)
     unet = UNet2DModel.from_config(spec["unet_config"])
+    if spec["from"] == "checkpoint":
+        what = f"the UNet config stored in {ckpt / 'meta.json'}"
+        hint = ("The weights file does not belong to this checkpoint (copied in from another run?): use the "
+                "checkpoint folder as training wrote it")
+    else:
+        what = f"the UNet of teacher {spec['teacher']}"
+        hint = "Was the run distilled from another teacher? Pass --teacher DIR with that one"
     try:
         missing, unexpected = unet.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{ckpt / (name + '.safetensors')} does not fit the UNet of teacher "
-                              f"{spec['teacher']}: {str(e).splitlines()[-1].strip()}. Was the run distilled from "
-                              "another teacher? Pass --teacher DIR with that one") from None
+        raise CheckpointError(f"{ckpt / (name + '.safetensors')} does not fit {what}: "
+                              f"{str(e).splitlines()[-1].strip()}. {hint}") from None
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt / (name + '.safetensors')} does not match the UNet of teacher "
-                              f"{spec['teacher']}: missing {list(missing)[:3]} ({len(missing)}), unexpected "
-                              f"{list(unexpected)[:3]} ({len(unexpected)}). Was the run distilled from another "
-                              "teacher? Pass --teacher DIR with that one")
+        raise CheckpointError(f"{ckpt / (name + '.safetensors')} does not match {what}: missing "
+                              f"{list(missing)[:3]} ({len(missing)}), unexpected {list(unexpected)[:3]} "
+                              f"({len(unexpected)}). {hint}")
     unet.eval()
     sched = EDMOneStepScheduler(sigma_max=spec["sigma_max"], sigma_data=spec["sigma_data"])  # noqa: F821
     pipe = OneStepPipeline(unet=unet, scheduler=sched)  # noqa: F821

@@ -318,6 +318,13 @@ def test_checkpoint_keeps_the_generator_spec_so_export_needs_no_teacher(image_ru
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.unet.config == b.unet.config
     assert cli(["export", str(moved), str(tmp_path / "out")]) == 0
+    # a stored spec that does not fit the weights is named as such, not blamed on a teacher
+    meta["generator_spec"]["unet_config"]["block_out_channels"] = [16, 32]
+    (moved / ckpts[-1].name / "meta.json").write_text(json.dumps(meta))
+    from fdistill.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="config stored in .*meta.json.*does not belong"):
+        pipeline_from_checkpoint(moved)
 
 
 def test_export_mnist_generator_weights_and_force(mnist_run, tmp_path, capsys):

@@ -130,8 +130,9 @@ class AnchorGenerator(MLPGenerator):
 
     Still a continuous map from Gaussian noise, but its softmax switches between anchors with moderate weights, so
     it can tear between modes in a few hundred steps. A plain MLP must grow large weights to make a staircase
-    (spectral bias): with the exact fake score it still had 30-45% of its samples on bridges after 800-1,600 steps,
-    while this generator reached 8% (benchmarks/RESULTS.md). The number of anchors is not the number of modes.
+    (spectral bias): driven by the exact fake score it still had 38-51% of its samples on bridges after 800 steps,
+    while this generator reached 6-9% (3 seeds, benchmarks/RESULTS.md). The number of anchors is not the number of
+    modes.
     """
 
     def __init__(self, latent_dim: int = 8, out_dim: int = 2, hidden: int = 256, anchors: int = 64,
