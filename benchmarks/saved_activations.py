@@ -5,8 +5,8 @@
     python benchmarks/saved_activations.py --config sd15 --tiny           # SD1.5 UNet + CFG at toy width (CPU)
     python benchmarks/saved_activations.py --config imagenet64 --batch 1 [--bf16]   # full-size ADM (~10 GB RAM)
 
-Counts the bytes of every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks) during one generator
-loss, and during the teacher's pass alone with and without ``x0_grad``: the generator iteration needs the teacher's
+Counts the bytes of the distinct storages autograd saves (torch.autograd.graph.saved_tensors_hooks), parameters
+and their autocast copies excluded, during one generator loss, and during the teacher's pass alone with and without ``x0_grad``: the generator iteration needs the teacher's
 x0 only as a constant, so its decoder need not keep a graph (``mode="both", x0_grad=False``, what the objective
 uses). Bytes, not peak memory: exact and the same on any device.
 """
@@ -26,16 +26,22 @@ from fdistill.objective import FDistill  # noqa: E402
 from fdistill.ratio import RatioNormalizer  # noqa: E402
 
 
-def saved_bytes(fn) -> int:
-    total = [0]
+def saved_bytes(fn, params: list) -> int:
+    """Bytes of the distinct storages autograd saves while fn runs (a tensor saved by several ops counts once),
+    without the networks' parameters and autocast's bf16 copies of them (same shapes), which are not activations."""
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    shapes = {tuple(p.shape) for p in params}
+    seen: dict[int, int] = {}
 
     def pack(t):
-        total[0] += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude and tuple(t.shape) not in shapes:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return total[0]
+    return sum(seen.values())
 
 
 def main():
@@ -58,9 +64,11 @@ def main():
     rng = torch.Generator().manual_seed(0)
     z = task.generator.sample_latents(B, rng)
     cond = task.sample_cond(B, rng, "cpu")
+    params = [p for net in (task.generator, task.teacher, task.fake_score, task.discriminator)
+              for p in net.parameters()]
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16)
     with amp:
-        total = saved_bytes(lambda: obj.generator_loss(z, cond, rng))
+        total = saved_bytes(lambda: obj.generator_loss(z, cond, rng), params)
 
     with torch.no_grad():
         x = task.generator(z, cond)
@@ -68,7 +76,7 @@ def main():
     sigma = task.schedule.sample_dm(B, rng)
     x_t = x + sigma.reshape(-1, *[1] * (x.ndim - 1)) * torch.randn_like(x)
     with amp:
-        teacher = {g: saved_bytes(lambda: task.teacher(x_t, sigma, cond, mode="both", x0_grad=g))
+        teacher = {g: saved_bytes(lambda: task.teacher(x_t, sigma, cond, mode="both", x0_grad=g), params)
                    for g in (True, False)}
     mb = 2 ** 20
     out = {"config": a.config, "tiny": a.tiny, "batch": B, "bf16": a.bf16,
