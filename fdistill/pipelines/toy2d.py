@@ -40,6 +40,7 @@ DEFAULTS = {
     "hidden": 256,        # generator MLP width
     "fake_hidden": 256,   # fake-score MLP width: it must resolve the student's modes at low sigma
     "fake_depth": 4,
+    "disc_hidden": 128,   # discriminator head width (its input: the teacher's scaled x_t and log sigma)
     "eval_samples": 20000,
     "kde_samples": 4096,
     "kde_bandwidth": 0.1,
@@ -199,7 +200,7 @@ def build(cfg, device) -> Task:
     else:
         raise ValueError(f"task.generator must be 'anchors' or 'mlp', got {t['generator']!r}")
     fake = EDMPrecondMLP(MLPBackbone(2, t["fake_hidden"], depth=t["fake_depth"]), sigma_data=sd)
-    disc = Discriminator([MLPHead(3, 128)])
+    disc = Discriminator([MLPHead(3, t["disc_hidden"])])
     schedule = NoiseSchedule.continuous(t["sigma_min"], t["sigma_max"])
 
     if t["init"] == "collapsed":
@@ -241,7 +242,7 @@ def build(cfg, device) -> Task:
 
     return Task(teacher=teacher, generator=generator, fake_score=fake, discriminator=disc, schedule=schedule,
                 sample_cond=lambda n, rng, dev: None, sample_real=sample_real, evaluate=evaluate,
-                oracle_log_ratio=oracle_log_ratio, sigma_data=sd, info={"gmm": gmm})
+                oracle_log_ratio=oracle_log_ratio, evaluate_uses_networks=True, sigma_data=sd, info={"gmm": gmm})
 
 
 @torch.no_grad()
