@@ -23,6 +23,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -123,11 +124,28 @@ class _FullParams:
         return (self.state.get(n, b) for n, b in self.like.named_buffers())
 
 
+def _reshard_setting(unit):
+    """An FSDP2 unit's reshard-after-forward setting, as torch holds it. It differs between units: accelerate
+    wraps the root with None, which torch resolves to no resharding at the first forward (the parameters would
+    be gathered again at once for the backward), the inner units with the plugin's value. The public
+    ``set_reshard_after_forward`` takes a bool and cannot say None, hence torch's private fields."""
+    state = unit._get_fsdp_state()
+    return state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]
+
+
+def _set_reshard_setting(unit, setting):
+    state = unit._get_fsdp_state()
+    state._auto_reshard_after_forward, meshes = setting
+    for group, mesh in zip(state._fsdp_param_groups, meshes, strict=True):
+        group.post_forward_mesh_info = mesh
+
+
 @contextlib.contextmanager
 def _full_params(accelerator, nets):
     """Inside, every prepared network holds its whole parameters on every process, so that the main process can
     run one alone (evaluation) while the others wait; outside FSDP it does nothing. Every process enters it.
-    Costs one full copy of each network per process while it lasts."""
+    Costs one full copy of each network per process while it lasts. On leaving, FSDP2's units reshard after
+    forward exactly as they did before."""
     if not _is_fsdp(accelerator):
         yield
         return
@@ -135,16 +153,16 @@ def _full_params(accelerator, nets):
         from torch.distributed.fsdp import FSDPModule
 
         units = [m for net in nets for m in net.modules() if isinstance(m, FSDPModule)]
+        saved = [_reshard_setting(u) for u in units]
         for u in units:  # gather now and keep: forwards on one process must not all-gather again
             u.unshard()
             u.set_reshard_after_forward(False, recurse=False)
         try:
             yield
         finally:
-            reshard = accelerator.state.fsdp_plugin.reshard_after_forward  # what accelerate wrapped them with
-            for u in units:
+            for u, setting in zip(units, saved):
                 u.reshard()
-                u.set_reshard_after_forward(bool(reshard), recurse=False)
+                _set_reshard_setting(u, setting)
     else:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -187,6 +205,132 @@ def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
             accelerator.backward(loss / n_micro if n_micro > 1 else loss)
 
 
+def _check_fsdp(accelerator, cfg: DistillConfig, task) -> None:
+    """Refuse up front what would fail or hang later under FSDP (README, FSDP section: limits)."""
+    if not _is_fsdp(accelerator):
+        return
+    if cfg.compile:
+        raise ValueError("compile=true is not supported under FSDP (it would wrap the compiled module); let "
+                         "accelerate compile instead (accelerate launch --dynamo_backend inductor)")
+    if accelerator.is_fsdp2:
+        return
+    # FSDP1 replaces a network's parameters by flat shards: only its wrapper's forward can run it.
+    if cfg.ratio == "oracle":
+        raise ValueError("ratio=oracle calls the generator outside its FSDP1 wrapper (the oracle's density "
+                         "estimate of its samples), where FSDP1 leaves only flat shards of its parameters; run it "
+                         "under FSDP2 (accelerate launch --fsdp_version 2) or DDP")
+    if task.evaluate_uses_networks and accelerator.state.fsdp_plugin.auto_wrap_policy is not None:
+        raise ValueError(f"pipeline {cfg.pipeline} evaluates through its own references to the networks, and "
+                         "FSDP1 with an auto-wrap policy makes nested units, which cannot run on one process: the "
+                         "evaluation would hang. Use FSDP2 (accelerate launch --fsdp_version 2), or FSDP1 without "
+                         "an auto-wrap policy (--fsdp_auto_wrap_policy NO_WRAP)")
+
+
+class OptimPart(NamedTuple):
+    """One trainable network with its optimizer. A checkpoint's optimizer state is one or several of these."""
+    net: torch.nn.Module  # prepared (wrapped, under FSDP sharded)
+    opt: torch.optim.Optimizer  # accelerate's wrapper of it
+    names: list[str]  # parameter names in the optimizer's order, taken before any wrapper renamed them
+
+
+def gather_optimizer_states(accelerator, parts: dict[str, list[OptimPart]]) -> dict | None:
+    """Checkpoint name -> full optimizer state dict, keyed by parameter index as a plain optimizer's, on the main
+    process (None elsewhere). Under FSDP each process holds shards of the states: they are gathered by parameter
+    name (collective: every process calls this) and re-keyed by index, so the files are those a single process
+    writes."""
+    if not _is_fsdp(accelerator):
+        return {key: ckpt.merge_optim_states([p.opt.state_dict() for p in ps]) for key, ps in parts.items()} \
+            if accelerator.is_main_process else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # On GPUs gathered to the main process's CPU memory alone. On a CPU device FSDP1 relies on .cpu() to copy
+    # each state out of one reused gather buffer (a no-op there, so exp_avg came back equal to exp_avg_sq):
+    # there every process gathers, which clones.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu")
+    out = {}
+    for key, ps in parts.items():
+        sds = [get_optimizer_state_dict(p.net, p.opt.optimizer, options=options) for p in ps]
+        if accelerator.is_main_process:
+            out[key] = ckpt.merge_optim_states([ckpt.optim_state_by_index(sd, p.names) for sd, p in zip(sds, ps)])
+    return out if accelerator.is_main_process else None
+
+
+def load_optimizer_states(accelerator, parts: dict[str, list[OptimPart]], folder: Path) -> None:
+    """Resume the optimizers from the checkpoint ``folder``. Under FSDP the main process alone reads the full
+    states and broadcasts them, and every process keeps its shard: one full copy in host memory rather than one
+    per process (an SD1.5 UNet's AdamW state is ~7 GB). Collective under FSDP."""
+    if not _is_fsdp(accelerator):
+        for key, ps in parts.items():
+            sds = ckpt.split_optim_state(ckpt.read_optimizer(folder, key), [len(p.names) for p in ps])
+            for p, sd in zip(ps, sds):
+                p.opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for key, ps in parts.items():
+        sds = ckpt.split_optim_state(ckpt.read_optimizer(folder, key), [len(p.names) for p in ps]) \
+            if accelerator.is_main_process else [None] * len(ps)
+        for p, sd in zip(ps, sds):  # the other processes pass an empty state and receive theirs
+            full = ckpt.optim_state_by_name(sd, p.names) if sd is not None else {}
+            set_optimizer_state_dict(p.net, p.opt.optimizer, full, options=options)
+
+
+def gather_weights(accelerator, nets: dict) -> dict:
+    """Name -> what a checkpoint saves of each prepared network: under FSDP its full state dict, gathered on the
+    main process (collective); otherwise the live module."""
+    if not _is_fsdp(accelerator):
+        return {name: unwrap(net) for name, net in nets.items()}
+    return {name: accelerator.get_state_dict(net) for name, net in nets.items()}
+
+
+def update_emas(accelerator, emas: dict, generator) -> None:
+    """One step of every EMA from the prepared ``generator``. The EMAs are full copies on every process; under
+    FSDP they are updated from the gathered generator (one all-gather, a transient full copy per process)."""
+    if not emas:
+        return
+    src = unwrap(generator)
+    if _is_fsdp(accelerator):
+        src = _FullParams(next(iter(emas.values())).module, _full_state_dict(generator))
+    for ema in emas.values():
+        ema.update_parameters(src)
+
+
+class Evaluator:
+    """The task's evaluation, run by the main process while the others wait; every process calls it.
+
+    Under FSDP a sharded generator cannot run on one process alone, so the current generator is evaluated as a
+    plain copy, kept in the main process's CPU memory and loaded with the gathered weights each time. Only a task
+    whose evaluation calls its own references to the networks (``Task.evaluate_uses_networks``: the 2-D toy) has
+    them hold their full parameters on every process meanwhile; for SD1.5 that would be ~7 GB per GPU."""
+
+    def __init__(self, accelerator, task, generator: torch.nn.Module, run_dir: Path):
+        """``generator``: the plain one, before accelerate wraps it."""
+        self.accelerator, self.task, self.run_dir = accelerator, task, run_dir
+        self.fsdp = _is_fsdp(accelerator)
+        keep = self.fsdp and accelerator.is_main_process and task.evaluate is not None
+        self.plain = copy.deepcopy(generator).cpu() if keep else None
+
+    def __call__(self, nets: dict, gen=None, *, final: bool, step: int) -> dict | None:
+        """Metrics of ``gen`` (None: the current generator, ``nets['generator']``) on the main process."""
+        acc, is_main = self.accelerator, self.accelerator.is_main_process
+        if gen is None and self.fsdp:
+            weights = acc.get_state_dict(nets["generator"])  # collective; full on the main process
+            if is_main:
+                self.plain.load_state_dict(weights)
+                gen = self.plain.to(acc.device)
+        elif gen is None:
+            gen = unwrap(nets["generator"])
+        metrics = None
+        with _full_params(acc, nets.values()) if self.task.evaluate_uses_networks else contextlib.nullcontext():
+            if is_main:
+                metrics = self.task.evaluate(gen, self.run_dir, final=final, step=step)
+            acc.wait_for_everyone()
+        if self.plain is not None:
+            self.plain.cpu()
+        return metrics
+
+
 def distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -204,6 +348,7 @@ def distill(cfg: DistillConfig) -> dict:
     # Same initial weights on every process (DDP also broadcasts them); then per-process noise streams.
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
+    _check_fsdp(accelerator, cfg, task)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -218,10 +363,6 @@ def distill(cfg: DistillConfig) -> dict:
 
     generator, fake_score, disc = task.generator.to(device), task.fake_score.to(device), task.discriminator.to(device)
     teacher = task.teacher.to(device)
-    fsdp = _is_fsdp(accelerator)
-    if fsdp and cfg.compile:
-        raise ValueError("compile=true is not supported under FSDP (it would wrap the compiled module); let "
-                         "accelerate compile instead (accelerate launch --dynamo_backend inductor)")
     if cfg.gradient_checkpointing:
         for net in (generator, fake_score):
             for m in net.modules():
@@ -241,18 +382,10 @@ def distill(cfg: DistillConfig) -> dict:
     opt_g = torch.optim.AdamW(generator.parameters(), lr=o.lr_gen, **kw)
     opt_f = torch.optim.AdamW(fake_score.parameters(), lr=lr_c, **kw)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=lr_c, **kw)
-    # Parameter names in the optimizers' order, taken before any wrapper renames them: under FSDP the optimizer
-    # state is gathered by name and stored by index, as a plain optimizer's.
-    names = {key: [n for n, _ in net.named_parameters()]
-             for key, net in (("gen", generator), ("fake", fake_score), ("disc", disc))}
-    # EMAs are full copies (on every process, also under FSDP, where they are updated from the gathered
-    # generator): one generator's worth of memory per decay and process.
+    # EMAs are full copies on every process (also under FSDP): one generator's worth of memory per decay.
     emas = {f"ema_{d:g}": AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
             for d in cfg.ema}
-    # Under FSDP evaluations see the current generator as a plain copy on the main process (kept on the CPU in
-    # between): a sharded module cannot run on one process alone, and FSDP1's nested units cannot even inside
-    # summon_full_params.
-    eval_gen = copy.deepcopy(generator).cpu() if fsdp and is_main and task.evaluate is not None else None
+    evaluator = Evaluator(accelerator, task, generator, run_dir)  # under FSDP it keeps a plain copy: before wrapping
 
     state = {"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world}
     last = ckpt.latest_checkpoint(run_dir)
@@ -265,58 +398,23 @@ def distill(cfg: DistillConfig) -> dict:
             ckpt.load_module(m, last / f"{name}.safetensors")
         state.update({k: meta[k] for k in ("iteration", "gen_step", "images_seen")})
 
+    # parameter names in the optimizers' order, before any wrapper renames them (FSDP gathers states by name)
+    names = {key: [n for n, _ in net.named_parameters()]
+             for key, net in (("gen", generator), ("fake", fake_score), ("disc", disc))}
     if cfg.compile:
         generator, fake_score = torch.compile(generator), torch.compile(fake_score)
     generator, opt_g = _prepare(accelerator, generator, opt_g)
     fake_score, opt_f = _prepare(accelerator, fake_score, opt_f)
     disc, opt_d = _prepare(accelerator, disc, opt_d)
     nets = {"generator": generator, "fake_score": fake_score, "discriminator": disc}
+    optim_parts = {"gen": [OptimPart(generator, opt_g, names["gen"])],  # checkpoint name -> its optimizers
+                   "critic": [OptimPart(fake_score, opt_f, names["fake"]), OptimPart(disc, opt_d, names["disc"])]}
 
     objective = FDistill(generator, teacher, fake_score, disc, divergence, ratio, task.schedule, cfg.objective,
                          oracle_log_ratio=task.oracle_log_ratio, use_oracle_weights=cfg.ratio == "oracle")
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
-
-    # (name in the checkpoint, prepared network, its optimizer, parameter names)
-    optim_parts = {"gen": [(generator, opt_g, names["gen"])],
-                   "critic": [(fake_score, opt_f, names["fake"]), (disc, opt_d, names["disc"])]}
-
-    def optimizer_states() -> dict:
-        """name -> full optimizer state dict on the main process (collective under FSDP)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        # Gathered to the main process's CPU. On a CPU device FSDP1 relies on .cpu() to copy each state out of
-        # one reused gather buffer (a no-op there, so exp_avg came back equal to exp_avg_sq): gather to every
-        # process instead, where it clones.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=device.type != "cpu")
-        out = {}
-        for key, parts in optim_parts.items():
-            sds = []
-            for net, opt, pnames in parts:
-                if fsdp:
-                    sd = get_optimizer_state_dict(net, opt.optimizer, options=options)
-                    sds.append(ckpt.optim_state_by_index(sd, pnames) if is_main else None)
-                else:
-                    sds.append(opt.state_dict())
-            out[key] = ckpt.merge_optim_states(sds) if is_main else None
-        return out
-
-    def load_optimizers(folder: Path):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        for key, parts in optim_parts.items():
-            sds = ckpt.split_optim_state(ckpt.read_optimizer(folder, key), [len(p[2]) for p in parts])
-            for (net, opt, pnames), sd in zip(parts, sds):
-                if fsdp:  # every process reads the full state; each keeps its shard
-                    set_optimizer_state_dict(net, opt.optimizer, ckpt.optim_state_by_name(sd, pnames),
-                                             options=StateDictOptions(full_state_dict=True))
-                else:
-                    opt.load_state_dict(sd)
-
-    def full_generator_state() -> dict:
-        return _full_state_dict(generator) if fsdp else unwrap(generator).state_dict()
-
     if last is not None:
-        load_optimizers(last)
+        load_optimizer_states(accelerator, optim_parts, last)
         ckpt.load_rng(last, rank, rng)
         accelerator.print(f"resumed from {last} at generator step {state['gen_step']}")
 
@@ -363,11 +461,7 @@ def distill(cfg: DistillConfig) -> dict:
         accumulate_gradients(accelerator, nets.values(), A, generator_micro)
         record({"grad_norm_gen": _grad_norm(accelerator, generator, o.grad_clip)})
         opt_g.step()
-        if emas:  # under FSDP from the gathered generator: a transient full copy on every process
-            src = _FullParams(next(iter(emas.values())).module, _full_state_dict(generator)) if fsdp \
-                else unwrap(generator)
-            for ema in emas.values():
-                ema.update_parameters(src)
+        update_emas(accelerator, emas, generator)
 
     # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
     spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
@@ -378,34 +472,12 @@ def distill(cfg: DistillConfig) -> dict:
             ckpt.begin_checkpoint(run_dir, state["gen_step"])
         accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, rank, rng)
-        # FSDP: gathered to full tensors on the main process (collective); otherwise the live modules
-        weights = {name: accelerator.get_state_dict(net) if fsdp else unwrap(net) for name, net in nets.items()}
-        optims = optimizer_states()
+        weights, optims = gather_weights(accelerator, nets), gather_optimizer_states(accelerator, optim_parts)
         accelerator.wait_for_everyone()
         if is_main:
             ckpt.finish_checkpoint(tmp, {**weights, "ratio": ratio, **emas}, optims,
                                    {**state, "config": to_dict(cfg), **spec}, cfg.log.keep_ckpts)
         accelerator.wait_for_everyone()
-
-    def evaluate(gen, final: bool, step: int):
-        """The task's evaluation of ``gen`` (None: the current generator) on the main process. Under FSDP the
-        current generator is the plain copy loaded with the gathered weights, and the prepared networks, which
-        a pipeline may call through its own references (the toy's calibration report), hold their full
-        parameters meanwhile."""
-        if fsdp and gen is None:
-            weights = accelerator.get_state_dict(generator)  # collective; full on the main process
-            if is_main:
-                eval_gen.load_state_dict(weights)
-                gen = eval_gen.to(device)
-        metrics = None
-        with _full_params(accelerator, nets.values()):
-            if is_main:
-                metrics = task.evaluate(gen if gen is not None else unwrap(generator), run_dir, final=final,
-                                        step=step)
-            accelerator.wait_for_everyone()
-        if eval_gen is not None:
-            eval_gen.cpu()
-        return metrics
 
     pbar = None
     if is_main and cfg.log.progress:
@@ -451,7 +523,7 @@ def distill(cfg: DistillConfig) -> dict:
         if pbar is not None:
             pbar.update(1)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0 and task.evaluate is not None:
-            evaluate(None, final=False, step=step)
+            evaluator(nets, final=False, step=step)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
         if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
@@ -463,13 +535,15 @@ def distill(cfg: DistillConfig) -> dict:
     if os.environ.get("FDISTILL_TEST_DUMP_RANKS"):  # tests: every process's final generator, to compare ranks
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in full_generator_state().items()},
+        sd = _full_state_dict(generator) if _is_fsdp(accelerator) else unwrap(generator).state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
                   str(run_dir / f"rank{rank}_generator.safetensors"))
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
               "sec_per_gen_step": elapsed / max(1, state["gen_step"] - steps_at_t0)}
     metrics = None
-    if task.evaluate is not None:
-        metrics = evaluate(next(iter(emas.values())).module if emas else None, final=True, step=state["gen_step"])
+    if task.evaluate is not None:  # the (first) EMA if the run keeps one
+        metrics = evaluator(nets, next(iter(emas.values())).module if emas else None, final=True,
+                            step=state["gen_step"])
     if is_main and metrics is not None:
         result.update(metrics)
         result["evaluated"] = next(iter(emas)) if emas else "generator"

@@ -4,8 +4,21 @@
 accelerate enables FSDP only on accelerators: on CPU it sets MULTI_CPU and silently runs DDP, ignoring the
 FSDP plugin (accelerate/state.py, AcceleratorState.__init__). torch's FSDP1 and FSDP2 themselves run on CPU with
 gloo, so this switches the state to FSDP right after accelerate set it up; from there the trainer goes through
-accelerate's FSDP preparation, clipping, no_sync and state-dict code exactly as it does on GPUs.
+accelerate's FSDP preparation, clipping, no_sync and state-dict code, and torch's sharded collectives. Not
+through every line the GPUs run, though:
+- the trainer branches on the device where it gathers the optimizer states for a checkpoint
+  (trainer.gather_optimizer_states): on GPUs to the main process's CPU memory alone (cpu_offload=True); on a
+  CPU device, as here, to every process (cpu_offload=False), because FSDP1 there returns views of one reused
+  buffer. The GPU path of that gather is not run by these tests;
+- gloo instead of NCCL, and tensors that stay on the CPU: torch's own device moves (the offload to CPU, the
+  resume's broadcast of optimizer states through the device) are no-ops here;
+- the tests turn off accelerate's sync_module_states and cpu_ram_efficient_loading (see tests/test_fsdp.py).
+
+It also reports, for the tests, which process reads optimizer states from a checkpoint, and (FSDP2) every
+unit's reshard-after-forward setting before and after each evaluation that gathers the networks
+(trainer._full_params), so that the tests can check an evaluation leaves them as they were.
 """
+import contextlib
 import sys
 
 import torch
@@ -45,7 +58,37 @@ def _prepare_and_report(self, *args, **kwargs):
 
 Accelerator.prepare = _prepare_and_report
 
+
+def _reshard_settings(nets) -> str:
+    """FSDP2: whether each parameter group of every unit reshards after forward (T/F, in module order), read from
+    torch's state: a group reshards after forward when it has a post-forward mesh. FSDP1: empty."""
+    return "".join("T" if g.post_forward_mesh_info is not None else "F"
+                   for net in nets for m in net.modules() if isinstance(m, FSDPModule)
+                   for g in m._get_fsdp_state()._fsdp_param_groups)
+
+
+def _report_full_params(full_params):
+    @contextlib.contextmanager
+    def wrapped(accelerator, nets):
+        nets = list(nets)
+        before = _reshard_settings(nets)
+        with full_params(accelerator, nets):
+            yield
+        print(f"[fsdp_cpu_distill] rank {accelerator.process_index}: reshard_after_forward around an evaluation: "
+              f"before {before} after {_reshard_settings(nets)}", flush=True)
+    return wrapped
+
+
 if __name__ == "__main__":
+    from fdistill import trainer
     from fdistill.cli import main
 
+    trainer._full_params = _report_full_params(trainer._full_params)
+    _read_optimizer = trainer.ckpt.read_optimizer
+
+    def _report_read_optimizer(folder, name):
+        print(f"[fsdp_cpu_distill] rank {PartialState().process_index}: read optimizer {name}", flush=True)
+        return _read_optimizer(folder, name)
+
+    trainer.ckpt.read_optimizer = _report_read_optimizer
     sys.exit(main(["distill", *sys.argv[1:]]))

@@ -2,18 +2,22 @@
 and checkpoints that are plain full state dicts a single process loads.
 
 accelerate turns FSDP on only for accelerators; tests/fsdp_cpu_distill.py switches its state to FSDP on CPU (see
-there), after which the trainer runs accelerate's FSDP1 / FSDP2 code paths unchanged. On the toy, FSDP1 runs
-without an auto-wrap policy: the toy's final evaluation calls its own references to the networks, which FSDP1's
-nested units do not allow on one process (README, FSDP section); FSDP2 wraps every Linear and the fake score's
-MLPBackbone as units. The MNIST pipeline (two copies of one UNet) runs FSDP1 with nested units.
+there, also for what of the GPU path it does not run), after which the trainer runs accelerate's FSDP1 / FSDP2
+code paths. On the toy, FSDP1 runs without an auto-wrap policy: the toy's final evaluation calls its own
+references to the networks, which FSDP1's nested units do not allow on one process, and the trainer refuses that
+combination up front (README, FSDP section; tested below, with ratio=oracle under FSDP1); FSDP2 wraps every Linear
+and the fake score's MLPBackbone as units. The MNIST pipeline (two copies of one UNet) runs FSDP1 with nested
+units.
 
 The runs clip (grad_clip below the gradient norms) and accumulate two micro-batches, so the global gradient
 norm and no_sync are both exercised. DDP and FSDP agree to float rounding (the norms are summed in another
-order); a resumed FSDP run agrees with the uninterrupted one bit for bit.
+order); a resumed FSDP run, whose optimizer states only the main process reads and broadcasts, agrees with the
+uninterrupted one bit for bit. Under FSDP2 every unit reshards after forward after an evaluation as it did before.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +50,16 @@ def _launch(out, version=None, kill_at=None, fsdp_args=None, config="configs/toy
     if kill_at is not None:
         env["FDISTILL_TEST_KILL_AT_STEP"] = str(kill_at)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def _check_reshard_kept(stdout: str, evaluations: int):
+    """fsdp_cpu_distill.py's reports of the FSDP2 units' reshard-after-forward settings around evaluations."""
+    reports = re.findall(r"reshard_after_forward around an evaluation: before ([TF]*) after ([TF]*)", stdout)
+    assert len(reports) == 2 * evaluations, stdout[-2000:]  # every process, every evaluation
+    for before, after in reports:
+        assert after == before, (before, after)
+    # meaningful: the roots do not reshard after forward (accelerate leaves them to torch), the inner units do
+    assert set(reports[0][0]) == {"T", "F"}, reports[0]
 
 
 def _files(out, step=STEPS):
@@ -94,6 +108,8 @@ def test_fsdp_trains_as_ddp_resumes_exactly_and_saves_full_tensors(tmp_path, ddp
         for key in ("grad_norm_gen", "grad_norm_fake", "grad_norm_disc"):
             assert ra[key] > 0.05 and abs(ra[key] - rd[key]) <= 1e-5 * rd[key], (key, ra[key], rd[key])
     assert (a / "samples_000002.png").is_file() and json.loads((a / "metrics.json").read_text())["gen_steps"] == STEPS
+    if version == 2:  # grids at steps 2 and 4, and the final evaluation
+        _check_reshard_kept(r.stdout, evaluations=3)
 
     # killed after step 3 (newest checkpoint: step 2), then resumed: bit for bit the uninterrupted run
     r = _launch(b, version, kill_at=3)
@@ -101,6 +117,10 @@ def test_fsdp_trains_as_ddp_resumes_exactly_and_saves_full_tensors(tmp_path, ddp
     r = _launch(b, version)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stdout + r.stderr
+    # the main process alone read the optimizer states (and broadcast them)
+    assert r.stdout.count("rank 0: read optimizer") == 2 and "rank 1: read optimizer" not in r.stdout, r.stdout[-2000:]
+    if version == 2:  # grid at step 4, final evaluation
+        _check_reshard_kept(r.stdout, evaluations=2)
     fb = _files(b)
     for name in NAMES:
         assert fa[name].keys() == fb[name].keys(), name
@@ -163,3 +183,17 @@ def test_unet_pipeline_under_fsdp1_with_nested_units_is_ddp(tmp_path):
         assert x.keys() == y.keys(), f
         for k in x:
             assert torch.equal(x[k], y[k]), (f, k)
+
+
+NESTED = ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "Linear"]
+
+
+@pytest.mark.parametrize("fsdp_args, args, message", [
+    (FSDP[1] + NESTED, [], "evaluates through its own references"),
+    (FSDP[1], ["ratio=oracle"], "ratio=oracle calls the generator outside its FSDP1 wrapper")])
+def test_what_fsdp1_cannot_run_on_the_toy_is_refused_up_front(tmp_path, fsdp_args, args, message):
+    """Run, these hang in the final evaluation (nested units on one process) or fail in the first generator
+    iteration (the oracle's KDE calls the generator's flat shards); the trainer refuses them before wrapping."""
+    r = _launch(tmp_path / "run", 1, fsdp_args=fsdp_args, args=ARGS + args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-4000:]
+    assert "prepared" not in r.stdout and not (tmp_path / "run").exists()

@@ -2,9 +2,13 @@
 
 The trainer's accumulate_gradients runs on the real objective and networks of the toy. The objective's random
 draws (noise levels, noise) are recorded on the 2B batch and served to the micro-batches as their halves, so
-both see the same samples; what is compared is the accumulation itself (loss scaling, gradient sums,
-no_sync). That is exact (up to float rounding) when nothing depends on the batch's composition: the ratio
-normaliser off. With it on, each micro-batch is normalised by itself (documented on optim.grad_accum).
+both see the same samples; what is compared is the accumulation itself (loss scaling, gradient sums). That is
+exact (up to float rounding) when nothing depends on the batch's composition: the ratio normaliser off. With it
+on, each micro-batch is normalised by itself (documented on optim.grad_accum).
+
+This is one process: accumulate_gradients enters accelerator.no_sync, but there it does nothing (no gradient is
+communicated), so no_sync is not tested here. tests/test_fsdp.py runs two micro-batches on two processes, where
+it holds the synchronisation back: both processes end with the same networks, and DDP, FSDP1 and FSDP2 agree.
 """
 
 from pathlib import Path

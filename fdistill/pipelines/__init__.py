@@ -28,6 +28,9 @@ class Task:
     """(generator, run_dir, final: bool) -> metrics dict; writes samples.png. Main process only."""
     oracle_log_ratio: Callable | None = None
     """Exact log(p_t/q_t)(x_t, sigma, cond) where the task knows it (toy2d)."""
+    evaluate_uses_networks: bool = False
+    """True if ``evaluate`` calls the trainable networks through the task's own references (toy2d's calibration
+    report): under FSDP they then hold their full parameters on every process while it runs."""
     sigma_data: float = 0.5
     info: dict = field(default_factory=dict)
 
