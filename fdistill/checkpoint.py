@@ -62,8 +62,9 @@ def _optim_flat(opt) -> tuple[dict, dict]:
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                # clone: a gathered (FSDP1) state holds views of one buffer, which safetensors refuses
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().clone()
+                # a contiguous copy: a gathered (FSDP1) state holds views of one buffer, and the state of a
+                # channels_last parameter has its strides; safetensors refuses both
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().clone(memory_format=torch.contiguous_format)
             else:
                 rest["state"].setdefault(str(idx), {})[k] = v
     return tensors, rest
@@ -93,10 +94,6 @@ def read_optimizer(folder: Path, name: str) -> dict:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}
-
-
-def load_optimizer(opt, folder: Path, name: str):
-    opt.load_state_dict(read_optimizer(folder, name))
 
 
 def merge_optim_states(sds: list[dict]) -> dict:
@@ -252,15 +249,3 @@ def load_rng(folder: Path, rank: int, train_rng: torch.Generator | None):
     if rpath.is_file():
         set_rng_state(load_file(str(rpath)), json.loads((Path(folder) / f"rng_rank{rank}.json").read_text()),
                       train_rng)
-
-
-def load_checkpoint(folder: Path, modules: dict, optimizers: dict, rank: int, world_size: int,
-                    train_rng: torch.Generator | None) -> dict:
-    """Everything at once, for plain (unsharded) modules and optimizers; the trainer loads in stages."""
-    meta = read_meta(folder, world_size)
-    for name, m in modules.items():
-        load_module(m, Path(folder) / f"{name}.safetensors")
-    for name, o in optimizers.items():
-        load_optimizer(o, Path(folder), name)
-    load_rng(folder, rank, train_rng)
-    return meta

@@ -99,6 +99,28 @@ def test_states_that_share_memory_are_saved(tmp_path):
     assert torch.equal(back["state"][0]["exp_avg_sq"], buf[4:].view(2, 2))
 
 
+def test_a_channels_last_conv_saves_and_loads(tmp_path):
+    # its weight and AdamW moments have channels_last strides, which safetensors refuses as they are
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-2)
+    _step(list(conv.parameters()), opt)
+    assert not opt.state_dict()["state"][0]["exp_avg"].is_contiguous()
+    ckpt.save_module(conv, tmp_path / "conv.safetensors")
+    ckpt.save_optimizer(opt, tmp_path, "conv")
+    conv2 = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    ckpt.load_module(conv2, tmp_path / "conv.safetensors")
+    opt2 = torch.optim.AdamW(conv2.parameters(), lr=1e-2)
+    opt2.load_state_dict(ckpt.read_optimizer(tmp_path, "conv"))
+    for a, b in zip(conv.parameters(), conv2.parameters()):
+        assert torch.equal(a, b)
+    _same_state(opt2.state_dict(), opt.state_dict())
+    _step(list(conv.parameters()), opt)  # and the next step is the same
+    _step(list(conv2.parameters()), opt2)
+    for a, b in zip(conv.parameters(), conv2.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
     import json
 
