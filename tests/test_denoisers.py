@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from fdistill.denoisers import EDMPrecondUNet, freeze
+from tiny_models import tiny_edm_unet
 from fdistill.discriminator import Discriminator
 from fdistill.divergences import get_divergence
 from fdistill.generator import OneStepGenerator
@@ -16,11 +16,7 @@ from fdistill.ratio import RatioConfig, RatioNormalizer
 
 
 def tiny_unet(classes=10):
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=classes, attention_head_dim=16, flip_sin_to_cos=True,
-                       freq_shift=0, resnet_time_scale_shift="scale_shift")
+    return tiny_edm_unet(classes)
 
 
 def test_edm_preconditioning_by_hand():

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -157,15 +158,7 @@ def test_unet_pipeline_under_fsdp1_with_nested_units_is_ddp(tmp_path):
     """Generator and fake score are two copies of one UNet (accelerate's clip_grad_norm_ cannot tell them
     apart); FSDP1 wraps every ResnetBlock2D and Attention as its own unit (evaluation then runs on a plain
     copy). Without clipping this is DDP bit for bit."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    teacher = tmp_path / "teacher"
-    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=8, num_class_embeds=10, attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0,
-                resnet_time_scale_shift="scale_shift").save_pretrained(teacher)
-    (teacher / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5, "resolution": 16}))
+    teacher = tiny_edm_teacher(tmp_path / "teacher")
     args = [f"teacher={teacher}", "steps=2", "batch_size=2", "optim.grad_clip=0", "task.eval_samples=0",
             "task.grid_samples=4", "log.every=1", "log.sample_every=1", "log.progress=false"]
     fsdp1 = ["--fsdp_version", "1", "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false",

@@ -1,6 +1,5 @@
 """The MNIST (image) pipeline: exact resume after a hard kill, as for the toy; the shipped teacher's assets."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,19 +7,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_teacher(path: Path):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=8, num_class_embeds=10, attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0,
-                resnet_time_scale_shift="scale_shift").save_pretrained(path)
-    (path / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5, "resolution": 16}))
 
 
 def _run(teacher, out, env=None):
@@ -33,7 +22,7 @@ def _run(teacher, out, env=None):
 
 def test_mnist_kill_and_resume_is_exact(tmp_path):
     teacher = tmp_path / "teacher"
-    _tiny_teacher(teacher)
+    tiny_edm_teacher(teacher)
     a, b = tmp_path / "a", tmp_path / "b"
     r = _run(teacher, a)
     assert r.returncode == 0, r.stderr[-3000:]

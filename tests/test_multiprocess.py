@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -48,15 +49,7 @@ def test_toy_two_processes_keep_ranks_identical(tmp_path):
 
 
 def test_mnist_pipeline_two_processes(tmp_path):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    teacher = tmp_path / "teacher"
-    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=8, num_class_embeds=10, attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0,
-                resnet_time_scale_shift="scale_shift").save_pretrained(teacher)
-    (teacher / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5, "resolution": 16}))
+    teacher = tiny_edm_teacher(tmp_path / "teacher")
     out = tmp_path / "mnist"
     r = _launch(ROOT / "configs/mnist.yaml", out, f"teacher={teacher}", "steps=2", "batch_size=2",
                 "task.eval_samples=0", "task.grid_samples=4", "log.every=1")
