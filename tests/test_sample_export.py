@@ -3,7 +3,8 @@ the export round trip (checkpoint -> export -> OneStepPipeline.from_pretrained -
 
 Two tiny runs stand in for real ones, both around a 16x16 class-conditional UNet2DModel teacher (10 classes):
 - an `image`-pipeline run made by the real trainer (`fdistill distill configs/image.yaml ... steps=2`), with the
-  generator started at noise.generator_sigma=40 so that the export has to read it from the run's config;
+  generator started at noise.generator_sigma=40 so that the export has to carry it over (the checkpoint's stored
+  generator spec);
 - an `mnist`-pipeline checkpoint written with the checkpoint module from the task's own generator and an EMA of it
   (the trainer's module names and layouts), so that no FID evaluation runs.
 """
@@ -23,30 +24,17 @@ from PIL import Image  # noqa: E402
 torch.set_num_threads(1)
 
 from fdistill.cli import main as cli  # noqa: E402
+from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
 from fdistill.sampling import per_image_latents, per_image_random_labels, to_uint8  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPE = (1, 16, 16)
 
 
-def tiny_teacher(path, block_out_channels=(32, 64), seed=0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=block_out_channels,
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=32,
-                       num_class_embeds=10, resnet_time_scale_shift="scale_shift")
-    unet.save_pretrained(path)
-    (Path(path) / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5,
-                                                                 "resolution": 16}))
-    return Path(path)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample_export")
-    tiny_teacher(d / "teacher")
+    tiny_edm_teacher(d / "teacher")
     return d
 
 
@@ -361,7 +349,7 @@ def test_export_errors_name_the_problem(mnist_run, root, tmp_path, capsys):
     assert "not an earlier export" in capsys.readouterr().err and (other / "notes.txt").is_file()
     assert cli(["export", str(run), str(tmp_path / "y"), "--which", "ema_0.5"]) == 2
     assert "ema_0.9" in capsys.readouterr().err
-    wrong = tiny_teacher(tmp_path / "wrong_teacher", block_out_channels=(16, 32))
+    wrong = tiny_edm_teacher(tmp_path / "wrong_teacher", block_out_channels=(16, 32))
     assert cli(["export", str(run), str(tmp_path / "z"), "--teacher", str(wrong)]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "--teacher" in err
