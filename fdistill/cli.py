@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(HANDLERS[cmd](rest) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        from .checkpoint import CheckpointError
-        from .config import ConfigError
+        from .errors import FdistillError
 
-        if isinstance(e, (ConfigError, CheckpointError, FileNotFoundError)) or type(e) is ValueError:
+        if isinstance(e, (FdistillError, FileNotFoundError)) or type(e) is ValueError:
             print(f"fdistill {cmd}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -95,14 +95,16 @@ class NonFiniteGuard:
     host-device sync per update (as a gradient scaler's)."""
 
     def __init__(self, cfg: DistillConfig, state: dict):
-        self.cfg, self.state, self.run = cfg, state, 0
+        self.cfg, self.state, self.runs = cfg, state, {}
 
     def ok(self, what: str, *norms: torch.Tensor) -> bool:
+        """``what``: which update ('a critic update', 'a generator update'); streaks are counted per kind, as
+        a diverged critic can sit beside a generator whose gradients vanish."""
         if bool(torch.isfinite(torch.stack([n.detach().float().reshape(()) for n in norms])).all()):
-            self.run = 0
+            self.runs[what] = 0
             return True
         self.state["skipped_updates"] = self.state.get("skipped_updates", 0) + 1
-        self.run += 1
+        self.runs[what] = self.run = self.runs.get(what, 0) + 1
         if self.run >= self.cfg.optim.nonfinite_streak:
             o = self.cfg.optim
             raise TrainingDiverged(

@@ -57,6 +57,9 @@ def test_kill_and_resume_is_exact(tmp_path):
     r = _run(b, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
+    # the row of step 10 (written before the kill, after the checkpoint of step 8) is not logged twice
+    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 16]
     for name in ("generator", "fake_score", "discriminator", "ema_0.99", "ratio"):
         sa = load_file(str(a / "ckpt-00000016" / f"{name}.safetensors"))
         sb = load_file(str(b / "ckpt-00000016" / f"{name}.safetensors"))

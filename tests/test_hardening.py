@@ -1,0 +1,187 @@
+"""Hostile but fair inputs against the trainer: nothing written before every check has passed, no non-finite
+weight survives (skipped updates, a diverging run aborts, damaged checkpoints are passed over), one process per
+run directory, and resume bookkeeping (metrics rows, timings)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdistill import checkpoint as ckpt
+from fdistill.cli import main as cli_main
+from fdistill.config import ConfigError, DistillConfig, load_config, to_dict
+from fdistill.errors import RunLocked
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "configs/toy2d.yaml")
+SMALL = ["batch_size=64", "task.hidden=32", "task.fake_hidden=32", "task.eval_samples=2000", "task.kde_samples=256",
+         "log.every=2", "log.progress=false", "schedule.critic_per_gen=2"]
+
+
+def _run(out, *extra, env=None):
+    cmd = [sys.executable, "-m", "fdistill.cli", "distill", TOY, f"out={out}", *SMALL, *extra]
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+
+
+def _finite_folder(folder: Path) -> bool:
+    return all(bool(torch.isfinite(v).all()) for f in folder.glob("*.safetensors")
+               for v in load_file(str(f)).values() if v.is_floating_point())
+
+
+BAD = [  # (override, the key the message must name)
+    ("batch_size=0", "batch_size"),
+    ("steps=0", "steps"),
+    ("steps=-5", "steps"),
+    ("optim.lr_gen=-1", "optim.lr_gen"),
+    ("optim.lr_critic=-1e-3", "optim.lr_critic"),
+    ("optim.lr_gen=.nan", "optim.lr_gen"),
+    ("ema=[1.5]", "ema"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("divergence=alpha:x", "alpha"),
+    ("divergence=alpha:", "alpha"),
+    ("divergence=klx", "divergence"),
+    ("log.ckpt_every=0", "log.ckpt_every"),
+    ("log.every=0", "log.every"),
+    ("log.keep_ckpts=0", "log.keep_ckpts"),
+    ("ratio=learnd", "ratio"),
+    ("mixed_precision=fp16", "fp16"),
+    ("schedule.scheme=dmd3", "schedule.scheme"),
+    ("schedule.critic_per_gen=0", "schedule.critic_per_gen"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD)
+def test_a_bad_value_is_refused_naming_the_key_before_anything_is_written(tmp_path, capsys, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TOY, [override])
+    out = tmp_path / "run"
+    assert cli_main(["distill", TOY, f"out={out}", override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(tmp_path / "empty.yaml")
+
+
+def test_a_typo_does_not_poison_the_run_directory(tmp_path, capsys):
+    """Issue: `ratio=learnd out=D` wrote D/config.json, then failed; the corrected command was refused."""
+    out = tmp_path / "D"
+    assert cli_main(["distill", TOY, "ratio=learnd", f"out={out}"]) == 2
+    assert "ratio" in capsys.readouterr().err
+    assert not out.exists()
+    # a directory left by such a start (a config, no checkpoint) holds no run to protect: the next start proceeds
+    out.mkdir()
+    other = to_dict(DistillConfig())
+    (out / "config.json").write_text(json.dumps(other))
+    r = _run(out, "steps=2", "log.ckpt_every=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["pipeline"] == "toy2d"
+
+
+def test_steps_below_the_reached_step_are_refused(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "steps=4", "log.ckpt_every=2").returncode == 0
+    before = (out / "config.yaml").read_text()
+    r = _run(out, "steps=2", "log.ckpt_every=2")
+    assert r.returncode == 2 and "steps=2 is below" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "config.yaml").read_text() == before
+
+
+def test_a_diverging_run_skips_counts_and_aborts_with_finite_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    r = _run(out, "steps=30", "log.ckpt_every=2", "optim.lr_gen=1e10", "optim.lr_critic=1e10")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "training diverged at generator step" in r.stderr and "optim.lr_gen" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (out / "metrics.json").exists()  # not a completed run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["skipped_updates"] > 0
+    ckpts = ckpt.list_checkpoints(out)
+    assert ckpts and all(_finite_folder(c) for c in ckpts)
+
+
+def test_a_non_finite_checkpoint_is_never_written(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match="non-finite"):
+        ckpt.save_checkpoint(tmp_path, 1, {"generator": net}, {}, {"gen_step": 1, "world_size": 1})
+    assert ckpt.list_checkpoints(tmp_path) == []
+
+
+def _damage(path: Path):
+    """NaN bytes over the tensor data of a safetensors file, its header left intact."""
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header:] = b"\xff" * (len(raw) - header)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_rows_are_not_repeated(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "steps=8", "log.ckpt_every=4", "log.keep_ckpts=2").returncode == 0
+    assert [c.name for c in ckpt.list_checkpoints(out)] == ["ckpt-00000004", "ckpt-00000008"]
+    _damage(out / "ckpt-00000008" / "generator.safetensors")
+    rng = out / "ckpt-00000004" / "rng_rank0.json"
+    saved = rng.read_bytes()
+    rng.unlink()  # a missing file is named too
+    with pytest.raises(ckpt.CheckpointError, match="rng_rank0.json"):
+        ckpt.verify_checkpoint(out / "ckpt-00000004", 1)
+    rng.write_bytes(saved)
+    r = _run(out, "steps=12", "log.ckpt_every=4", "log.keep_ckpts=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out_text = r.stdout + r.stderr
+    assert "ckpt-00000008" in out_text and "previous checkpoint ckpt-00000004" in out_text
+    assert "resumed from" in out_text and "ckpt-00000004" in out_text
+    for c in ckpt.list_checkpoints(out):
+        assert _finite_folder(c), c
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]
+
+
+def test_no_usable_checkpoint_is_an_error_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "steps=2", "log.ckpt_every=2").returncode == 0
+    _damage(out / "ckpt-00000002" / "fake_score.safetensors")
+    r = _run(out, "steps=4", "log.ckpt_every=2")
+    assert r.returncode == 2 and "fake_score.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resumed_at_its_end_reports_no_speed(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "steps=2", "log.ckpt_every=2").returncode == 0
+    assert json.loads((out / "metrics.json").read_text())["sec_per_gen_step"] > 1e-4
+    r = _run(out, "steps=2", "log.ckpt_every=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["sec_per_gen_step"] is None
+
+
+def test_the_run_lock(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # a live holder (this test's own parent process stands in for another run) is refused, naming it
+    holder = {"pid": os.getppid(), "host": __import__("socket").gethostname()}
+    (out / ckpt.LOCK_NAME).write_text(json.dumps(holder))
+    with pytest.raises(RunLocked, match=str(os.getppid())):
+        ckpt.acquire_run_lock(out)
+    r = _run(out, "steps=2")
+    assert r.returncode == 2 and f"process {os.getppid()}" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "config.json").exists()
+    # a holder that is gone: taken over; the lock is released at the end
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ckpt.LOCK_NAME).write_text(json.dumps({**holder, "pid": dead.pid}))
+    r = _run(out, "steps=2", "log.ckpt_every=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / ckpt.LOCK_NAME).exists()
