@@ -185,3 +185,38 @@ def test_the_run_lock(tmp_path):
     r = _run(out, "steps=2", "log.ckpt_every=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / ckpt.LOCK_NAME).exists()
+
+
+# --- fdistill lm ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,override,key", [("DPOConfig", "beta=0", "beta"), ("TDPOConfig", "beta=-0.1", "beta"),
+                                              ("FDPGConfig", "beta=0", "beta"), ("DPHConfig", "eta=-1", "eta"),
+                                              ("DPOConfig", "steps=0", "steps"), ("DPOConfig", "lr=-1", "lr")])
+def test_lm_meaningless_settings_are_refused(cls, override, key):
+    from fdistill.lm import config as lm_config
+
+    with pytest.raises(ConfigError, match=f"config key {key} "):
+        lm_config.load_config(getattr(lm_config, cls), None, [override])
+
+
+def test_lm_out_reused_with_another_config_is_refused(tmp_path):
+    from fdistill.lm.config import DPOConfig, FDPGConfig, dump_yaml
+    from fdistill.lm.trainers import check_out
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = DPOConfig(out=str(out))
+    (out / "config.yaml").write_text("# fdistill lm dpo\n" + dump_yaml(cfg))
+    check_out(out, "dpo", DPOConfig(out=str(out), threads=1))  # same run: starts over
+    with pytest.raises(ConfigError, match=r"different config \(keys \['beta'\]\)"):
+        check_out(out, "dpo", DPOConfig(out=str(out), beta=0.5))
+    with pytest.raises(ConfigError, match="'fdistill lm dpo' run"):
+        check_out(out, "fdpg", FDPGConfig(out=str(out)))
+
+
+def test_lm_an_empty_prompts_file_is_named(tmp_path):
+    from fdistill.lm.data import load_prompts
+
+    (tmp_path / "p.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(str(tmp_path / "p.txt"))
