@@ -220,3 +220,44 @@ def test_lm_an_empty_prompts_file_is_named(tmp_path):
     (tmp_path / "p.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="holds no prompts"):
         load_prompts(str(tmp_path / "p.txt"))
+
+
+# --- image data: one channel policy for every reader -------------------------------------------------------------
+
+def test_one_channel_policy_for_folders_and_npz(tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    from fdistill.data.images import open_image_dataset
+
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    gray = np.repeat(rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8), 3, axis=3)  # gray stored as RGB
+    for name, arr in (("colour", colour), ("gray", gray)):
+        (tmp_path / name).mkdir()
+        for i, a in enumerate(arr):
+            PIL.Image.fromarray(a).save(tmp_path / name / f"{i}.png")
+        np.savez(tmp_path / f"{name}.npz", x=arr)
+    for src in ("colour", "colour.npz"):  # colour for a one-channel teacher: refused by both readers
+        with pytest.raises(ValueError, match="colour image but the teacher takes 1 channel"):
+            open_image_dataset(tmp_path / src, channels=1)[0]
+    for src in ("gray", "gray.npz"):  # lossless conversions: accepted by both, with the same pixels
+        x, _ = open_image_dataset(tmp_path / src, channels=1)[0]
+        assert x.shape == (1, 8, 8)
+        torch.testing.assert_close(x[0], torch.from_numpy(gray[0, :, :, 0]).float() / 127.5 - 1)
+    np.savez(tmp_path / "one.npz", x=gray[:, :, :, :1])
+    x, _ = open_image_dataset(tmp_path / "one.npz", channels=3)[0]
+    assert x.shape == (3, 8, 8) and torch.equal(x[0], x[2])
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    from fdistill.data.images import open_image_dataset
+
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_text("not an image")
+    ds = open_image_dataset(tmp_path, channels=3)
+    with pytest.raises(ValueError, match=r"b\.png is not a readable image"):
+        [ds[i] for i in range(len(ds))]
