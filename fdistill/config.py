@@ -20,6 +20,7 @@ from .divergences import get_divergence
 from .errors import FdistillError
 from .objective import ObjectiveConfig
 from .ratio import RatioConfig
+from .tracking import check_trackers
 
 
 class ConfigError(FdistillError, ValueError):
@@ -89,6 +90,10 @@ class LogConfig:
     keep_ckpts: int = 2
     """Checkpoints kept on disk (oldest removed first)."""
     progress: bool = True
+    trackers: list = field(default_factory=list)
+    """Experiment trackers through accelerate (``[tensorboard]``, ``[wandb]``, ``[trackio]`` ...): the scalars of
+    metrics.jsonl, the sample grids and the final metrics; a resumed run continues the same tracker run. None by
+    default (nothing to install)."""
 
 
 @dataclass
@@ -312,6 +317,9 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(lg.sample_every >= 0, "log.sample_every", lg.sample_every, ">= 0 (0: only at the end)")
     _need(lg.keep_ckpts >= 1, "log.keep_ckpts", lg.keep_ckpts, ">= 1")
     _need(bool(str(cfg.out).strip()), "out", cfg.out, "a run directory")
+    problem = check_trackers(lg.trackers)
+    if problem:
+        raise ConfigError(f"config key log.trackers: {problem}")
 
 
 def dump_yaml(cfg) -> str:

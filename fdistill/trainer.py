@@ -34,6 +34,7 @@ from .divergences import get_divergence
 from .errors import RunInterrupted, TrainingDiverged
 from .generator import unwrap
 from .objective import FDistill
+from . import tracking
 from .ratio import RatioNormalizer
 
 # Tests set this to SIGKILL the process after a given generator step, to check exact resumption.
@@ -398,7 +399,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     run_dir = Path(cfg.out)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective.disc_features == "fake")
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp_kwargs])
+                              kwargs_handlers=[ddp_kwargs], **tracking.accelerator_kwargs(cfg.log.trackers, run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     _check_resume_config(run_dir, cfg)  # read-only: a mismatched run directory is refused before anything runs
@@ -483,6 +484,8 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
         raise ValueError(f"schedule.scheme must be dmd2 or fastgen, got {cfg.schedule.scheme!r}")
     log_buf: dict[str, list[torch.Tensor]] = {}
     metrics_path = run_dir / "metrics.jsonl"
+    trackers = cfg.log.trackers
+    tracking.start(accelerator, trackers, run_dir, to_dict(cfg), state["gen_step"])
     guard = NonFiniteGuard(cfg, state)
 
     def record(logs):
@@ -583,13 +586,16 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                tracking.log_scalars(accelerator, trackers, row, step)
                 if pbar is not None:
                     pbar.set_postfix({key: f"{row[key]:.3g}" for key in ("loss_dm", "loss_disc", "h_ess")
                                       if key in row and math.isfinite(row[key])})
         if pbar is not None:
             pbar.update(1)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0 and task.evaluate is not None:
+            t_eval = time.time()
             evaluator(nets, final=False, step=step)
+            tracking.log_newest_grid(accelerator, trackers, run_dir, step, t_eval)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
         if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
@@ -607,7 +613,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     ran = state["gen_step"] - steps_at_t0  # 0 when resumed at the end: no speed to report
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
               "sec_per_gen_step": elapsed / ran if ran > 0 else None, "skipped_updates": state["skipped_updates"]}
-    metrics = None
+    metrics, t_eval = None, time.time()
     if task.evaluate is not None:  # the (first) EMA if the run keeps one
         metrics = evaluator(nets, next(iter(emas.values())).module if emas else None, final=True,
                             step=state["gen_step"])
@@ -617,6 +623,8 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
         result["divergence"] = divergence.name
         result["ratio"] = cfg.ratio
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        tracking.log_scalars(accelerator, trackers, metrics, state["gen_step"], prefix="eval/")
+        tracking.log_newest_grid(accelerator, trackers, run_dir, state["gen_step"], t_eval)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

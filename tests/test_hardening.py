@@ -261,3 +261,33 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path):
     ds = open_image_dataset(tmp_path, channels=3)
     with pytest.raises(ValueError, match=r"b\.png is not a readable image"):
         [ds[i] for i in range(len(ds))]
+
+
+# --- experiment trackers ------------------------------------------------------------------------------------------
+
+def test_tensorboard_tracker_gets_the_metrics_rows_and_grids_and_resumes_into_the_same_run(tmp_path):
+    pytest.importorskip("tensorboard")  # the `test` extra installs it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ("log.ckpt_every=2", "log.sample_every=4", "log.trackers=tensorboard")
+    assert _run(out, "steps=4", *args).returncode == 0
+    r = _run(out, "steps=6", *args)  # resumed at step 4
+    assert r.returncode == 0, r.stderr[-3000:]
+    ea = EventAccumulator(str(out / "trackers" / "fdistill"), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss_dm", "grad_norm_gen", "h_ess", "skipped_updates"):
+        events = ea.Scalars(key)
+        assert [e.step for e in events] == [row["step"] for row in rows] == [2, 4, 6], key
+        for e, row in zip(events, rows):
+            assert e.value == pytest.approx(row[key], rel=1e-6, abs=1e-7), key
+    final = json.loads((out / "metrics.json").read_text())
+    assert ea.Scalars("eval/mode_coverage")[-1].value == pytest.approx(final["mode_coverage"], rel=1e-6)
+    assert {e.step for e in ea.Images("samples")} >= {4, 6}
+
+
+def test_an_unknown_or_missing_tracker_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'"):
+        load_config(TOY, ["log.trackers=tensorbord"])
+    assert load_config(TOY).log.trackers == []  # none by default
