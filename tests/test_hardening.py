@@ -291,3 +291,37 @@ def test_an_unknown_or_missing_tracker_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'"):
         load_config(TOY, ["log.trackers=tensorbord"])
     assert load_config(TOY).log.trackers == []  # none by default
+
+
+# --- FID statistics -----------------------------------------------------------------------------------------------
+
+def test_fid_refuses_bad_statistics_with_a_clear_message(tmp_path):
+    import numpy as np
+
+    from fdistill.metrics.fid import fid_from_stats, load_stats, save_stats
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(64, 8))
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    save_stats(tmp_path / "ok.npz", mu, sigma)
+    assert fid_from_stats(*load_stats(tmp_path / "ok.npz"), mu, sigma) == pytest.approx(0, abs=1e-6)
+    bad = mu.copy()
+    bad[3] = np.nan
+    save_stats(tmp_path / "nan.npz", bad, sigma)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_stats(tmp_path / "nan.npz")
+    with pytest.raises(ValueError, match="non-finite"):
+        fid_from_stats(bad, sigma, mu, sigma)
+    with pytest.raises(ValueError, match="8 and 4 features"):
+        fid_from_stats(mu, sigma, mu[:4], sigma[:4, :4])
+    np.savez(tmp_path / "shape.npz", mu=mu, sigma=sigma[:4])
+    with pytest.raises(ValueError, match="not a mean and its covariance"):
+        load_stats(tmp_path / "shape.npz")
+    raw = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=sigma)
+    (tmp_path / "text.npz").write_text("hello")
+    for name in ("cut.npz", "obj.npz", "text.npz"):
+        with pytest.raises(ValueError, match="not a readable .npz") as e:
+            load_stats(tmp_path / name)
+        assert "allow_pickle" not in str(e.value)
