@@ -325,3 +325,22 @@ def test_fid_refuses_bad_statistics_with_a_clear_message(tmp_path):
         with pytest.raises(ValueError, match="not a readable .npz") as e:
             load_stats(tmp_path / name)
         assert "allow_pickle" not in str(e.value)
+
+
+# --- convert-edm --------------------------------------------------------------------------------------------------
+
+def test_convert_edm_names_files_that_are_not_pickles(tmp_path, capsys):
+    import pickle
+
+    from fdistill.convert.edm import main as convert_main
+
+    good = pickle.dumps({"ema": {"a": 1}}, protocol=4)
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    (tmp_path / "cut.pkl").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.pkl").write_text("this is a README, not a pickle\n")
+    for name in ("empty.pkl", "cut.pkl", "text.pkl"):
+        assert convert_main([str(tmp_path / name), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert name in err and ("empty" in err or "not a readable network pickle" in err), err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
