@@ -344,3 +344,23 @@ def test_convert_edm_names_files_that_are_not_pickles(tmp_path, capsys):
         assert name in err and ("empty" in err or "not a readable network pickle" in err), err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+
+
+# --- teachers -----------------------------------------------------------------------------------------------------
+
+def test_a_truncated_or_foreign_teacher_is_named_without_diffusers_advice(tmp_path):
+    import shutil
+
+    from fdistill.convert.edm import load_converted
+    from tiny_models import tiny_edm_teacher
+
+    teacher = tiny_edm_teacher(tmp_path / "teacher")
+    other = tiny_edm_teacher(tmp_path / "other", block_out_channels=(16, 32))
+    (other / "config.json").write_text((teacher / "config.json").read_text())  # one model's config, another's weights
+    cut = Path(shutil.copytree(teacher, tmp_path / "cut"))
+    f = cut / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    for folder in (other, cut):
+        with pytest.raises(ckpt.CheckpointError, match=f"teacher {folder} cannot be loaded") as e:
+            load_converted(folder)
+        assert "ignore_mismatched_sizes" not in str(e.value)
