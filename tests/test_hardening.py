@@ -364,3 +364,10 @@ def test_a_truncated_or_foreign_teacher_is_named_without_diffusers_advice(tmp_pa
         with pytest.raises(ckpt.CheckpointError, match=f"teacher {folder} cannot be loaded") as e:
             load_converted(folder)
         assert "ignore_mismatched_sizes" not in str(e.value)
+
+
+def test_precision_recall_on_too_few_images_says_so():
+    from fdistill.metrics.precision_recall import precision_recall
+
+    with pytest.raises(ValueError, match="needs more than 3 generated images, got 1"):
+        precision_recall(torch.randn(10, 4), torch.randn(1, 4))
