@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import FdistillError, RunLocked
+from .errors import FdistillError, RunDirectoryError, RunLocked
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 LOCK_NAME = "run.lock"
@@ -367,13 +367,18 @@ def acquire_run_lock(run_dir: Path) -> Path:
     on another host, is refused (RunLocked); a lock left by a process that is gone is taken over. Call
     ``release_run_lock`` when done."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(3):
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
+            if isinstance(e, FileExistsError) and lock.exists():
+                pass  # held: read below
+            else:
+                raise RunDirectoryError(f"cannot write to the run directory {run_dir} ({type(e).__name__}: "
+                                        f"{e.strerror}); make it writable or choose another out=DIR") from None
             try:
                 holder = json.loads(lock.read_text())
                 pid, host = int(holder["pid"]), str(holder["host"])

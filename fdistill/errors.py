@@ -21,3 +21,7 @@ class RunLocked(FdistillError, RuntimeError):
 
 class RunInterrupted(FdistillError):
     """Ctrl-C during training; the message says at which step and how to resume."""
+
+
+class RunDirectoryError(FdistillError, OSError):
+    """The run directory cannot be created or written."""

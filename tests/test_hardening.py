@@ -371,3 +371,37 @@ def test_precision_recall_on_too_few_images_says_so():
 
     with pytest.raises(ValueError, match="needs more than 3 generated images, got 1"):
         precision_recall(torch.randn(10, 4), torch.randn(1, 4))
+
+
+def test_fid_folders_with_mixed_sizes_or_a_broken_file_are_named(tmp_path):
+    import PIL.Image
+
+    from fdistill.metrics.fid import folder_features
+
+    def fake_inception(x):  # [N, 3, H, W] -> features; the folder errors come before any model matters
+        return x.float().mean(dim=(2, 3))
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    PIL.Image.new("RGB", (16, 16)).save(mixed / "a.png")
+    PIL.Image.new("RGB", (20, 20)).save(mixed / "b.png")
+    with pytest.raises(ValueError, match="images of different sizes"):
+        folder_features(mixed, mode="legacy_tensorflow", weights=fake_inception, progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    PIL.Image.new("RGB", (16, 16)).save(broken / "a.png")
+    (broken / "b.png").write_text("not an image")
+    with pytest.raises(ValueError, match="an image file cannot be read"):
+        folder_features(broken, weights=fake_inception, progress=False)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
+def test_a_read_only_run_directory_is_named(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    try:
+        with pytest.raises(OSError, match="cannot write to the run directory"):
+            ckpt.acquire_run_lock(out)
+    finally:
+        os.chmod(out, 0o755)

@@ -187,11 +187,21 @@ def folder_features(path: str | os.PathLike, num: int | None = None, batch_size:
     model = _resolve_model(weights, device)
     # clean-fid's reader recognises a zip by '.zip' in fdir and then reads the names inside it.
     is_zip = str(path).lower().endswith(".zip") and os.path.isfile(path)
-    return get_files_features(
-        files, model, num_workers=num_workers, batch_size=batch_size, device=torch.device(device), mode=mode,
-        fdir=str(path) if is_zip else None, verbose=progress, description=f"Inception features {path}: ",
-        custom_image_tranform=center_crop_resize(pre_resize) if pre_resize else None,
-    ).astype(np.float32, copy=False)
+    try:
+        feats = get_files_features(
+            files, model, num_workers=num_workers, batch_size=batch_size, device=torch.device(device), mode=mode,
+            fdir=str(path) if is_zip else None, verbose=progress, description=f"Inception features {path}: ",
+            custom_image_tranform=center_crop_resize(pre_resize) if pre_resize else None,
+        )
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise ValueError(f"{path} holds images of different sizes, which mode {mode} passes to Inception as they "
+                         "are: resize them to one size first, or pass --pre-resize S") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL's errors for a file that is no image
+        raise ValueError(f"{path}: an image file cannot be read ({type(e).__name__}: {e}); remove or replace it") \
+            from None
+    return feats.astype(np.float32, copy=False)
 
 
 def _check_count(available: int, num: int, source) -> None:
