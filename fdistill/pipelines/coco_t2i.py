@@ -401,7 +401,7 @@ def build(cfg, device) -> Task:
         raise ValueError(f"task.generator_timestep must lie in [0, {T - 1}]")
     sigmas = vp_sigmas(ac)
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max),
-                             generator_sigma=float(sigmas[t["generator_timestep"]]))
+                             generator_sigma=float(sigmas[t["generator_timestep"]]), time="index")
     fm = list(t["feature_modules"])
 
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.
