@@ -53,6 +53,8 @@ class ObjectiveConfig:
     """R1 penalty on real data, gamma/2 * |grad_x logit|^2 (paper: 1 CIFAR-10 / SD, 0 ImageNet-64)."""
     dmd_normalize: bool = True
     """Divide the score difference by mean |x - x0_real| per sample (DMD's normaliser)."""
+    dmd_eps: float = 0.0
+    """Added to that divisor (FastGen's variational_score_distillation_loss: 1e-6; DMD2: none)."""
     sigma_data: float = 0.5
     """EDM's sigma_data in the fake score's loss weighting 1/sigma^2 + 1/sigma_data^2."""
     denoise_loss: str = "edm"
@@ -77,14 +79,14 @@ def _per_sample_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_score_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, h: torch.Tensor,
-                        dmd_normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        dmd_normalize: bool = True, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * mean (x - sg(x - g))^2 with g = h (x0_fake - x0_real) / mean|x - x0_real|; returns (loss, g)."""
     with torch.no_grad():
         diff = (x0_fake - x0_real).float()
         hv = h.reshape(-1, *([1] * (x.ndim - 1))).float()
         g = hv * diff
         if dmd_normalize:
-            denom = (x.detach().float() - x0_real.float()).abs().reshape(x.shape[0], -1).mean(1)
+            denom = (x.detach().float() - x0_real.float()).abs().reshape(x.shape[0], -1).mean(1) + eps
             g = g / denom.reshape(-1, *([1] * (x.ndim - 1)))
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         target = x.detach().float() - g
@@ -147,7 +149,7 @@ class FDistill(nn.Module):
         # FastGen's linear bins live in the scheduler's time t (EDM: sigma; SD: timestep / 1000)
         bin_t = self.schedule.time_of(sigma) if getattr(self.ratio, "linear", False) else sigma
         h, stats = self.ratio(log_r, bin_t, self.divergence, update=True)
-        loss_dm, g = weighted_score_loss(x, x0_real.detach(), x0_fake.detach(), h, cfg.dmd_normalize)
+        loss_dm, g = weighted_score_loss(x, x0_real.detach(), x0_fake.detach(), h, cfg.dmd_normalize, cfg.dmd_eps)
         loss_gan = F.softplus(-logit).mean()
         loss = loss_dm + cfg.gan_weight * loss_gan
         logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
