@@ -376,7 +376,8 @@ class Runner:
         ema = cfg.ema if a.ema else []
         self.emas = [AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
                      for d in ema]
-        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
+        bins = task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing)
+        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, bins).to(device)
                        for name in divergences}
         self._fdistill, self._get_divergence = FDistill, get_divergence
         self._make_objectives(self.generator, self.fake)

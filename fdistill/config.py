@@ -104,7 +104,8 @@ class DistillConfig:
     """Run directory (resumed when it holds a checkpoint)."""
     divergence: str = "js"
     """f-divergence by registry name: reverse_kl, forward_kl, js, jeffreys, squared_hellinger, softened_rkl,
-    pearson, neyman, alpha:<a>."""
+    pearson, neyman, alpha:<a>; also NVlabs/FastGen's keys with FastGen's meanings: rkl, kl (= forward KL), js, sf,
+    neyman, sh, jf."""
     seed: int = 0
     steps: int = 1000
     """Generator updates."""

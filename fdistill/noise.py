@@ -97,6 +97,11 @@ class NoiseSchedule:
             return 0.0, (n - 1) / n
         return self.sigma_min, self.sigma_max
 
+    def ratio_bin_range(self, bin_spacing: str) -> tuple[float, float]:
+        """Where the ratio normaliser's bins live: FastGen's 'linear' bins span the scheduler's whole time range,
+        the 'log_sigma' bins the distribution-matching sigma range."""
+        return self.t_range if bin_spacing == "linear" else self.dm_sigma_range
+
     def time_of(self, sigma: torch.Tensor) -> torch.Tensor:
         """The scheduler's time t of each sigma: sigma itself, or the nearest grid index / T on a VP grid."""
         if self.time == "sigma":

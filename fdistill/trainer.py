@@ -60,12 +60,6 @@ def _check_recipe_keys(cfg: DistillConfig) -> None:
         raise ValueError(f"gen_cond must be 'random' or 'real', got {cfg.gen_cond!r}")
 
 
-def _ratio_range(cfg: DistillConfig, schedule) -> tuple[float, float]:
-    """Where the ratio normaliser's bins live: FastGen's linear bins span the scheduler's whole time range, the
-    log-sigma bins the distribution-matching sigma range."""
-    return schedule.t_range if cfg.ratio_norm.bin_spacing == "linear" else schedule.dm_sigma_range
-
-
 def _with_defaults(saved: dict, defaults: dict) -> dict:
     """A saved config with the fields added since it was written at their defaults (which leave the run as it
     was), so that a new field does not make every older run directory unresumable."""
@@ -373,7 +367,7 @@ def distill(cfg: DistillConfig) -> dict:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     accelerator.wait_for_everyone()
     divergence = get_divergence(cfg.divergence)
-    ratio = RatioNormalizer(cfg.ratio_norm, _ratio_range(cfg, task.schedule)).to(device)
+    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing)).to(device)
     if cfg.ratio not in ("learned", "oracle"):
         raise ValueError(f"ratio must be 'learned' or 'oracle', got {cfg.ratio!r}")
     if cfg.ratio == "oracle" and task.oracle_log_ratio is None:

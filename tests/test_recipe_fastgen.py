@@ -299,12 +299,12 @@ def test_ema_advances_every_iteration_as_fastgens(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "update_emas", spy)
     out = tmp_path / "run"
     cfg = load_config(CONFIGS / "toy2d.yaml", [
-        "recipe=fastgen", "schedule.scheme=fastgen", "schedule.critic_per_gen=5", "steps=2", "ema=[0.9]", f"out={out}", "batch_size=32",
+        "recipe=fastgen", "schedule.scheme=fastgen", "schedule.critic_per_gen=5", "steps=2", "ema=[0.9]",
+        f"out={out}", "batch_size=32",
         "task.hidden=16", "task.fake_hidden=16", "task.eval_samples=500", "task.kde_samples=64",
         "log.progress=false", "log.every=1"])
     assert (cfg.schedule.ema_every, cfg.schedule.scheme) == ("iteration", "fastgen")
     torch.manual_seed(0)
-    init = None
     trainer.distill(cfg)
     assert len(snaps) == 10  # 2 generator steps x (4 critic-only + 1 generator iteration)
     init = snaps[0]
