@@ -662,14 +662,15 @@ def split_cfg(teacher):
     them into one), to measure what the batching buys."""
     orig = teacher.forward
 
-    def forward(x_t, sigma, cond=None, mode="x0"):
+    def forward(x_t, sigma, cond=None, mode="x0", x0_grad=True):
         w = teacher.guidance_scale
         if mode == "features" or w == 1.0:
-            return orig(x_t, sigma, cond, mode)
+            return orig(x_t, sigma, cond, mode, x0_grad)
         teacher.calls[mode] += 1
         c = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
-        out = teacher.inner(x_t, sigma, c, mode=mode)
-        x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
+        out = teacher.inner(x_t, sigma, c, mode=mode, x0_grad=x0_grad)
+        with torch.set_grad_enabled(x0_grad and torch.is_grad_enabled()):
+            x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
         x0_c, feats = (out, None) if mode == "x0" else out
         guided = x0_c + (w - 1.0) * (x0_c - x0_u)
         return guided if mode == "x0" else (guided, feats)
