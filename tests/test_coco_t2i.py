@@ -212,7 +212,8 @@ def test_task_and_one_critic_and_generator_iteration(sd_dir, data_dir, tmp_path,
     from fdistill.objective import FDistill
     from fdistill.ratio import RatioNormalizer
 
-    cfg = _cfg(sd_dir, data_dir, tmp_path / "run")
+    cfg = _cfg(sd_dir, data_dir, tmp_path / "run", "objective.r1_gamma=1.0")  # the fastgen recipe's R1 is 0
+    assert cfg.recipe == "fastgen" and cfg.task["text_mask"] and cfg.objective.denoise_loss == "x0"
     torch.manual_seed(0)
     task = coco_t2i.build(cfg, "cpu")
     cache = list((tmp_path / "run" / "cache").glob("latents-*.npy"))
@@ -240,11 +241,15 @@ def test_task_and_one_critic_and_generator_iteration(sd_dir, data_dir, tmp_path,
     rng = torch.Generator().manual_seed(0)
     cond = task.sample_cond(2, rng, "cpu")
     assert cond["encoder_hidden_states"].shape == (2, 16, 32)
+    # FastGen's SD15 network masks the padding tokens: BOS + words + EOS attend, the rest does not
+    mask = cond["encoder_attention_mask"]
+    assert mask.shape == (2, 16) and bool((mask[:, :2] == 1).all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+    assert task.teacher.uncond(1)["encoder_attention_mask"].sum() == 2  # the empty prompt: BOS and EOS
     x_real, cond_real = task.sample_real(2, rng, "cpu")
     assert x_real.shape == (2, 4, 8, 8) and cond_real["encoder_hidden_states"].shape == (2, 16, 32)
 
     obj = FDistill(task.generator, task.teacher, task.fake_score, task.discriminator, get_divergence("js"),
-                   RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range), task.schedule, cfg.objective)
+                   RatioNormalizer(cfg.ratio_norm, task.schedule.t_range), task.schedule, cfg.objective)
     z = task.generator.sample_latents(2, rng)
     loss_c, logs_c = obj.critic_loss(z, cond, x_real, cond_real, rng)
     loss_c.backward()

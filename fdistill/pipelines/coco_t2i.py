@@ -6,8 +6,11 @@ a VP epsilon (or v) model behind ``VPUNetDenoiser``, guided with classifier-free
 copies of its UNet; the generator is evaluated once at timestep 999 on N(0, I) latents.
 
 Noise levels: the teacher's own DDPM grid (T = 1000, ``vp_sigmas(alphas_cumprod)``); the distribution-matching term
-draws timesteps uniformly in [noise.dm_index_min, noise.dm_index_max] (20..980), the fake score's epsilon loss over
-all of them.
+draws timesteps uniformly in [noise.dm_index_min, noise.dm_index_max]: 1..998 with ``recipe: fastgen`` (FastGen's
+floor(1000 t), t ~ U[0.001, 0.999]; its UNet is told the integer timestep, FastGen's the real-valued 1000 t), where
+the fake score's loss is an unweighted x0 MSE at the same draws; 20..980 with ``recipe: dmd2``, where it is an
+epsilon MSE over all 1000 timesteps. ``task.text_mask`` masks the prompts' padding tokens in cross-attention
+(FastGen's SD15 network; the recipe decides).
 
 Prompts (``prompts=``): a COCO captions JSON (2014 format: every caption is a prompt), a text file with one prompt
 per line, or a JSON list. They are embedded once by the teacher's CLIP text encoder (its last hidden state, as
@@ -79,6 +82,9 @@ DEFAULTS = {
     # Prompts in the sample grid written every log.sample_every steps and at the end.
     "feature_modules": ["mid_block"],
     # Teacher modules whose outputs feed the discriminator (SD1.5 mid block: 1280 x 8 x 8 at 64x64 latents).
+    "text_mask": False,
+    # Mask the prompts' padding tokens in the UNets' cross-attention (FastGen's SD15 network passes the tokenizer's
+    # attention mask as encoder_attention_mask); False = stock SD1.5, which attends to them. Set by `recipe`.
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -189,6 +195,21 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], batch_size: 
         mask = tok.attention_mask.to(device) if use_mask else None
         out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].float())
     return torch.cat(out)
+
+
+def token_lengths(tokenizer, texts: Sequence[str], chunk: int = 4096) -> torch.Tensor:
+    """Tokens of each text that are not padding (BOS and EOS included), as the SD tokenizer pads them."""
+    out = []
+    for i in range(0, len(texts), chunk):
+        tok = tokenizer(list(texts[i:i + chunk]), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        out.append(tok.attention_mask.sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def text_mask(lengths: torch.Tensor, max_length: int, device) -> torch.Tensor:
+    """[N, max_length] cross-attention mask (1 = attend) from token lengths."""
+    return (torch.arange(max_length, device=device)[None, :] < lengths.to(device)[:, None]).float()
 
 
 class PromptBank:
@@ -401,7 +422,7 @@ def build(cfg, device) -> Task:
         raise ValueError(f"task.generator_timestep must lie in [0, {T - 1}]")
     sigmas = vp_sigmas(ac)
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max),
-                             generator_sigma=float(sigmas[t["generator_timestep"]]))
+                             generator_sigma=float(sigmas[t["generator_timestep"]]), time="index")
     fm = list(t["feature_modules"])
 
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.
@@ -425,7 +446,13 @@ def build(cfg, device) -> Task:
     text_encoder.to(device).eval().requires_grad_(False)
     vae.to(device, _DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
     uncond = encode_prompts(tokenizer, text_encoder, [""])
-    teacher = freeze(CFGDenoiser(teacher_vp, t["guidance_scale"], uncond))
+    max_len = tokenizer.model_max_length
+    if not isinstance(t["text_mask"], bool):
+        raise ValueError(f"task.text_mask must be true or false, got {t['text_mask']!r}")
+    uncond_cond = {"encoder_hidden_states": uncond}
+    if t["text_mask"]:  # the empty prompt's BOS and EOS only
+        uncond_cond["encoder_attention_mask"] = text_mask(token_lengths(tokenizer, [""]), max_len, uncond.device)
+    teacher = freeze(CFGDenoiser(teacher_vp, t["guidance_scale"], uncond_cond))
 
     # The discriminator head is built from the teacher's feature shapes (same init on every process: the trainer
     # seeded the global RNG; nothing process-dependent has drawn from it yet).
@@ -472,6 +499,8 @@ def build(cfg, device) -> Task:
                       Path(t["text_cache_dir"] or cache_dir) / f"text-{key}.npy", t["encode_batch_size"])
     eval_prompts = prompts[:t["eval_prompts"]]
     eval_cond = encode_prompts(tokenizer, text_encoder, eval_prompts)
+    lengths = token_lengths(tokenizer, texts) if t["text_mask"] else None
+    eval_lengths = token_lengths(tokenizer, eval_prompts) if t["text_mask"] else None
     if mode != "online":
         text_encoder.cpu()
 
@@ -479,9 +508,15 @@ def build(cfg, device) -> Task:
         dev = rng.device if rng is not None else dev
         return torch.randint(0, high, (n,), generator=rng, device=dev).cpu()
 
+    def cond_of(ids, dev):
+        c = {"encoder_hidden_states": bank.get(ids, dev)}
+        if lengths is not None:
+            c["encoder_attention_mask"] = text_mask(lengths[ids], max_len, dev)
+        return c
+
     def sample_cond(n, rng, dev):
         ids = prompt_ids[_randint(len(prompt_ids), n, rng, dev)]
-        return {"encoder_hidden_states": bank.get(ids, dev)}
+        return cond_of(ids, dev)
 
     def sample_real(n, rng, dev):
         if latents is None:
@@ -496,7 +531,7 @@ def build(cfg, device) -> Task:
         if len(cap_ids):  # a caption of the image itself, uniformly among its captions
             j = offsets[idx] + torch.minimum((u * c).long(), (c - 1).clamp(min=0))
             ids = torch.where(c > 0, cap_ids[j.clamp(max=len(cap_ids) - 1)], ids)
-        return x.to(dev), {"encoder_hidden_states": bank.get(ids, dev)}
+        return x.to(dev), cond_of(ids, dev)
 
     def evaluate(gen, run_dir, final=False, step=0):
         from ..sampling import per_image_latents, save_grid
@@ -506,7 +541,10 @@ def build(cfg, device) -> Task:
         imgs = []
         with torch.no_grad():
             for i in range(0, k, 8):
-                x = gen(z[i:i + 8], {"encoder_hidden_states": eval_cond[i:i + 8].to(device)}).float()
+                c = {"encoder_hidden_states": eval_cond[i:i + 8].to(device)}
+                if lengths is not None:
+                    c["encoder_attention_mask"] = text_mask(eval_lengths[i:i + 8], max_len, device)
+                x = gen(z[i:i + 8], c).float()
                 imgs.append(decode(vae, x).cpu())
         save_grid(torch.cat(imgs), Path(run_dir) / (f"samples_{step:06d}.png" if not final else
                                                     "samples_student.png"), nrow=min(8, k))
