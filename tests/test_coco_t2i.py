@@ -329,7 +329,9 @@ def test_prompt_bank_modes_agree(sd_dir, tmp_path):
     assert (tmp_path / "text.npy").is_file() and banks["memory"].text_encoder is None
     for mode, bank in banks.items():
         torch.testing.assert_close(bank.get(ids, "cpu"), exact[ids], rtol=2e-3, atol=2e-3)
-    assert torch.equal(banks["online"].get(ids, "cpu"), exact[ids])
+    # online encodes [3, 0, 6, 3] as one batch, `exact` all seven texts: the same maths over other batch shapes,
+    # which BLAS may sum in another order, so float32 agreement, not bit-equality (which held on one machine only)
+    torch.testing.assert_close(banks["online"].get(ids, "cpu"), exact[ids], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="text_cache"):
         coco_t2i.PromptBank(texts, tok, te, "nope")
 
