@@ -319,6 +319,27 @@ def test_cli_distill_end_to_end_and_export_from_checkpoint(sd_dir, data_dir, tmp
     assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
 
 
+def test_sd_export_takes_the_ema_that_training_evaluated(sd_dir, tmp_path):
+    """With ema: [0.9999, 0.999] training evaluates (and reports) ema_0.9999, the first configured; the export and
+    `fdistill sample` must take that one too, not the first file name in sorted order (ema_0.999)."""
+    from safetensors.torch import save_file
+
+    from fdistill.export_sd import unet_from_checkpoint
+
+    ckpt = tmp_path / "run" / "ckpt-00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"gen_step": 1, "config": {
+        "pipeline": "coco_t2i", "teacher": str(sd_dir), "ema": [0.9999, 0.999]}}))
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+    for decay, fill in (("0.9999", 1.0), ("0.999", 2.0)):  # AveragedModel's keys: 'module.' + n_averaged
+        sd = {f"module.denoiser.backbone.{k}": (torch.full_like(v, fill) if k == "conv_out.bias" else v)
+              for k, v in unet.state_dict().items()}
+        save_file({**sd, "n_averaged": torch.tensor(1)}, str(ckpt / f"ema_{decay}.safetensors"))
+    got, meta = unet_from_checkpoint(tmp_path / "run")
+    assert meta["weights"] == "ema_0.9999"
+    assert torch.all(got.conv_out.bias == 1.0)
+
+
 def test_prompt_bank_modes_agree(sd_dir, tmp_path):
     _, _, _, te, tok = _parts(sd_dir)
     texts = PROMPTS + [""]

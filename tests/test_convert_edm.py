@@ -22,6 +22,7 @@ from fdistill.convert import edm as edm_mod
 from fdistill.convert.edm import (build_unet, convert_edm, edm_denoise, load_converted, main,
                                   map_adm_state_dict, read_edm_network, adm_unet_config)
 from fdistill.convert.safe_pickle import UnsafePickleError, safe_load
+from fdistill.denoisers import EDMPrecondUNet
 
 SMALL = dict(img_resolution=8, in_channels=3, model_channels=128, channel_mult=[1, 2], num_blocks=1,
              attn_resolutions=[4], label_dim=10)
@@ -407,6 +408,17 @@ def test_converted_teacher_equals_edm_denoiser(small_edm):
         got_vec = edm_denoise(unet, precond, x_t, sigma, onehot)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_vec, got, rtol=1e-5, atol=1e-5)
+    # the class training uses (the teacher and both trainable copies) is the same function of its inputs
+    den = EDMPrecondUNet(unet, precond["sigma_data"], ())
+    with torch.no_grad():
+        torch.testing.assert_close(den(x_t, sigma, labels), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(den(x_t, sigma, onehot), expected, rtol=1e-4, atol=1e-4)
+        # a label vector that is not one-hot embeds linearly, as in EDM: a mixture, and the zero vector
+        mix = 0.5 * onehot + 0.5 * F.one_hot(torch.tensor([1, 2, 3]), 10).float()
+        for vec in (mix, torch.zeros_like(onehot)):
+            torch.testing.assert_close(den(x_t, sigma, vec),
+                                       edm_reference_denoiser(small_edm["root"], x_t, sigma, vec), rtol=1e-4,
+                                       atol=1e-4)
     # the network output matters at these sigmas (not just the c_skip x term)
     assert (expected - x_t * (0.25 / (sigma.reshape(-1, 1, 1, 1) ** 2 + 0.25))).abs().mean() > 1e-2
 

@@ -29,18 +29,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils import IMAGE_EXTENSIONS, is_image_file
+
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageDataset", "ZipImageDataset", "FolderImageDataset", "NpzImageDataset",
     "open_image_dataset", "one_hot", "make_image_loader", "infinite_batches",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"})
 _IMAGE_KEYS = ("x", "images", "data", "arr_0")
 _LABEL_KEYS = ("y", "labels")
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+_is_image = is_image_file
 
 
 def one_hot(labels, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

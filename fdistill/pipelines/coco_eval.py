@@ -26,6 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..hub import load_kwargs
+from ..metrics.clip_score import clip_similarities
+from ..metrics.fid import (center_crop_resize, fid_from_stats, inception_features, load_stats, save_stats,
+                           stats_from_features)
+from ..prompts import clean, read_prompts
+from ..sampler import per_image_latents
 
 NUM = 30_000
 SEED = 0
@@ -37,14 +46,12 @@ def select_captions(captions_json: str | os.PathLike, num: int = NUM, seed: int 
 
     Deterministic for a given file and seed: images sorted by id, a numpy PCG64 permutation picks them, the same
     generator then picks one of each image's captions (in annotation-id order)."""
-    from .coco_t2i import _clean
-
     data = json.loads(Path(captions_json).read_text())
     if not (isinstance(data, dict) and "images" in data and "annotations" in data):
         raise ValueError(f"{captions_json} is not a COCO captions JSON (needs 'images' and 'annotations')")
     caps: dict[int, list[tuple[int, str]]] = {}
     for a in data["annotations"]:
-        caps.setdefault(a["image_id"], []).append((a["id"], _clean(a["caption"])))
+        caps.setdefault(a["image_id"], []).append((a["id"], clean(a["caption"])))
     names = {im["id"]: im["file_name"] for im in data["images"]}
     ids = sorted(i for i in names if i in caps)
     if len(ids) < num:
@@ -64,8 +71,6 @@ def select_captions(captions_json: str | os.PathLike, num: int = NUM, seed: int 
 
 
 def _png_writer(path: Path, arr: np.ndarray):
-    from PIL import Image
-
     tmp = path.with_name(path.stem + ".tmp.png")
     Image.fromarray(arr).save(tmp, compress_level=1)
     os.replace(tmp, path)  # a killed run never leaves a truncated image that a rerun would skip
@@ -77,14 +82,10 @@ def generate(model_dir: str, captions: list[str], out_dir: Path, steps: int = 1,
     """Images for ``captions`` as out_dir/{i:05d}.png; returns how many were generated now (others existed)."""
     from diffusers import StableDiffusionPipeline
 
-    from ..sampling import per_image_latents
-
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(captions)) if not (out_dir / f"{i:05d}.png").is_file()]
     if not todo:
         return 0
-    from .coco_t2i import load_kwargs
-
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype,
                                                    local_files_only=load_kwargs(model_dir)["local_files_only"])
     pipe.set_progress_bar_config(disable=True)
@@ -93,7 +94,6 @@ def generate(model_dir: str, captions: list[str], out_dir: Path, steps: int = 1,
     shape = (pipe.unet.config.in_channels, lat, lat)
     chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     if progress:
-        from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="COCO generation", unit="batch")
     with ThreadPoolExecutor(4) as pool:
         for idx in chunks:
@@ -111,8 +111,6 @@ def generate(model_dir: str, captions: list[str], out_dir: Path, steps: int = 1,
 
 
 def _load_rgb(path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -120,8 +118,6 @@ def _load_rgb(path) -> np.ndarray:
 def reference_stats(image_dir: Path, file_names: list[str], out_path: Path, inception=None, device="cpu",
                     batch_size: int = 50, progress: bool = True):
     """(mu, sigma) of the selected val2014 images after the protocol's centre crop + Lanczos 256; cached."""
-    from ..metrics.fid import center_crop_resize, inception_features, load_stats, save_stats, stats_from_features
-
     key = {"num": len(file_names), "first": file_names[0], "last": file_names[-1], "pre_resize": PRE_RESIZE,
            "mode": "clean"}
     if out_path.is_file():
@@ -147,8 +143,6 @@ def reference_stats(image_dir: Path, file_names: list[str], out_path: Path, ince
 def evaluate(gen_dir: Path, captions: list[str], ref: tuple | None, clip: dict | None, inception=None,
              device="cpu", batch_size: int = 50, progress: bool = True) -> dict:
     """FID (against ``ref`` = (mu, sigma)) and CLIP score of gen_dir/{i:05d}.png for i < len(captions)."""
-    from ..metrics.fid import center_crop_resize, fid_from_stats, inception_features, stats_from_features
-
     files = [gen_dir / f"{i:05d}.png" for i in range(len(captions))]
     result: dict = {"num": len(files)}
     if ref is not None:
@@ -161,8 +155,6 @@ def evaluate(gen_dir: Path, captions: list[str], ref: tuple | None, clip: dict |
                                    progress=progress)
         result["fid"] = fid_from_stats(*stats_from_features(feats), *ref)
     if clip is not None:
-        from ..metrics.clip_score import clip_similarities
-
         sims = []
         for k in range(0, len(files), 1000):  # bounded memory: the metric loads its images at once
             sims.append(clip_similarities([str(f) for f in files[k:k + 1000]], captions[k:k + 1000], device=device,
@@ -212,7 +204,6 @@ def run(a, inception=None, clip_model=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.prompts:
-        from .coco_t2i import read_prompts
         captions = read_prompts(a.prompts)[:a.num]
         if len(captions) < a.num:
             raise ValueError(f"{a.prompts} has {len(captions)} prompts, fewer than --num {a.num}")
@@ -240,7 +231,6 @@ def run(a, inception=None, clip_model=None) -> dict:
     ref = None
     if not a.skip_fid:
         if a.ref_stats:
-            from ..metrics.fid import load_stats
             ref = load_stats(a.ref_stats)
         else:
             if a.prompts or not a.images:

@@ -7,7 +7,7 @@ the teacher, so a wrong folder fails at once). Recipe: configs/imagenet64_*.yaml
 
 from __future__ import annotations
 
-from . import Task
+from ..task import Task
 from .image import DEFAULTS as IMAGE_DEFAULTS
 from .image import build as build_image
 
