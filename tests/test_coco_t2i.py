@@ -16,61 +16,18 @@ from PIL import Image
 
 torch.set_num_threads(1)
 
-from diffusers import (AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,  # noqa: E402
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
 from fdistill.config import load_config  # noqa: E402
 from fdistill.denoisers_vp import CFGDenoiser, VPUNetDenoiser  # noqa: E402
 from fdistill.noise import vp_sigmas  # noqa: E402
+from fdistill.commands import encode_latents  # noqa: E402
 from fdistill.pipelines import coco_t2i  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "coco_sd15_js.yaml")
 PROMPTS = ["a red bus on a street", "two dogs playing in the snow", "a plate of food", "a man riding a horse",
            "a kitchen with a stove", "a cat on a sofa"]
-
-
-def _tokenizer(max_len=16):
-    # CLIP's byte-level alphabet (GPT-2's bytes_to_unicode), with and without the end-of-word marker; no merges
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in cs:
-        vocab.setdefault(chr(c), len(vocab))
-    for c in cs:
-        vocab.setdefault(chr(c) + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
-
-
-def make_tiny_sd(path, prediction_type="epsilon", seed=0):
-    torch.manual_seed(seed)
-    tok = _tokenizer()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                      num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
-    # SD1.5's scheduler config (PNDM, scaled_linear 0.00085..0.012, 1000 steps)
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +395,7 @@ def test_coco30k_end_to_end_tiny(sd_dir, tmp_path):
 
 def test_pre_encoded_latents_keep_their_captions(sd_dir, data_dir, tmp_path):
     out = tmp_path / "lat" / "train.npy"
-    assert coco_t2i.main(["encode-latents", "--teacher", str(sd_dir), "--data", str(data_dir / "train2014"),
+    assert encode_latents.main(["encode-latents", "--teacher", str(sd_dir), "--data", str(data_dir / "train2014"),
                           "--out", str(out), "--batch-size", "4", "--device", "cpu"]) == 0
     lat = np.load(out)
     assert lat.shape == (6, 4, 8, 8)

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 torch.set_num_threads(1)
 
 from fdistill.cli import main as cli  # noqa: E402
-from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
+from tiny_models import tiny_edm_teacher  # noqa: E402
 from fdistill.imageio import to_uint8  # noqa: E402
 from fdistill.sampler import per_image_latents, per_image_random_labels  # noqa: E402
 
@@ -372,18 +372,13 @@ def test_export_errors_name_the_problem(mnist_run, root, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def sd_run(root):
-    """A tiny SD teacher (tests/test_coco_t2i.py's) and a coco_t2i checkpoint holding a perturbed copy of its UNet
+def sd_run(root, sd_dir):
+    """The tiny SD teacher (conftest's ``sd_dir``) and a coco_t2i checkpoint holding a perturbed copy of its UNet
     under the generator's key names."""
-    import sys
-
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_coco_t2i import make_tiny_sd
-
-    teacher = make_tiny_sd(root / "sd_teacher")
+    teacher = sd_dir
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     torch.manual_seed(3)
     ckpt = root / "sd_run" / "ckpt-00000001"

@@ -32,13 +32,16 @@ import re
 import shutil
 import sys
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from ..denoisers import EDMPrecondUNet
 from .safe_pickle import UnsafePickleError, module_state, safe_load
 
 __all__ = [
@@ -151,8 +154,6 @@ def read_edm_network(path: str | os.PathLike) -> EDMNetwork:
         raise FileNotFoundError(f"{path}: no such file (give the EDM .pkl, or a .pth/.pt/.safetensors state dict)")
     source = str(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         obj, fmt = load_file(str(path)), "state-dict"
     else:
         obj = safe_load(path)
@@ -186,8 +187,6 @@ def read_edm_network(path: str | os.PathLike) -> EDMNetwork:
 
 
 def _zip(path: Path) -> bool:
-    import zipfile
-
     return zipfile.is_zipfile(path)
 
 
@@ -569,38 +568,14 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
 
 
 def edm_denoise(unet, precond: dict, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None):
-    """EDM's D(x, sigma, y) with a converted UNet.
+    """EDM's D(x, sigma, y) with a converted UNet: the preconditioning that training uses
+    (``fdistill.denoisers.EDMPrecondUNet``), with ``sigma_data`` from the converter's record.
 
     `class_labels`: integer class indices (N,), or label vectors (N, label_dim) as EDM takes them (one-hot,
     or any vector: the label embedding is linear, so e.g. a zero vector gives the label-free embedding)."""
-    sd = float(precond["sigma_data"])
-    x32 = x.to(torch.float32)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-    sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-    s = sigma.reshape(-1, 1, 1, 1)
-    c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-    c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-    c_in = 1 / (sd ** 2 + s ** 2).sqrt()
-    c_noise = sigma.log() / 4
-    dtype = next(unet.parameters()).dtype
-    hook = None
-    labels = None
-    if unet.class_embedding is not None:
-        if class_labels is None:
-            raise ValueError("this teacher is class-conditional: pass class_labels")
-        if class_labels.dtype.is_floating_point:
-            vec = class_labels.reshape(x.shape[0], -1)
-            labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            hook = unet.class_embedding.register_forward_hook(
-                lambda mod, inp, outp: vec.to(mod.weight.dtype) @ mod.weight)
-        else:
-            labels = class_labels.reshape(-1).to(x.device)
-    try:
-        F = unet((c_in * x32).to(dtype), c_noise.to(dtype), class_labels=labels).sample
-    finally:
-        if hook is not None:
-            hook.remove()
-    return c_skip * x32 + c_out * F.to(torch.float32)
+    if unet.class_embedding is not None and class_labels is None:
+        raise ValueError("this teacher is class-conditional: pass class_labels")
+    return EDMPrecondUNet(unet, float(precond["sigma_data"]), ()).denoise(x, sigma, class_labels)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from fdistill.lm.config import CONFIGS, ConfigError, describe, dump_yaml, load_config
+from fdistill.lm.demo import run_demo
+from fdistill.lm.trainers import TRAINERS
 
 DESCRIPTIONS = {
     "dpo": "f-DPO (Wang et al. 2023, arXiv 2309.16240): DPO with the reverse-KL constraint replaced by any "
@@ -97,12 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         if ns.command == "demo":
-            from fdistill.lm.demo import run_demo
-
             run_demo(cfg)
         else:
-            from fdistill.lm.trainers import TRAINERS
-
             result = TRAINERS[ns.command](cfg)
             print(f"final checkpoint: {result['final']}")
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fdistill.lm.losses import token_logps
+
 Tensor = torch.Tensor
 
 
@@ -71,8 +73,6 @@ def forward_logits(model, batch: SeqBatch) -> Tensor:
 
 def token_logps_of(model, batch: SeqBatch) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of the response tokens [N, L-1] (0 elsewhere) and their mask."""
-    from fdistill.lm.losses import token_logps
-
     return token_logps(forward_logits(model, batch), batch.labels())
 
 
