@@ -3,7 +3,7 @@
 EDM pixel runs (pipelines ``mnist``, ``image``, ``imagenet64``) export to
 
     OUT/model_index.json                     {"_class_name": "OneStepPipeline", "unet": ["diffusers", "UNet2DModel"],
-                                              "scheduler": ["fdistill.export", "EDMOneStepScheduler"]}
+                                              "scheduler": ["fdistill.onestep", "EDMOneStepScheduler"]}
     OUT/unet/config.json                     the generator's UNet2DModel (safetensors weights beside it)
     OUT/scheduler/scheduler_config.json      the EDM preconditioning: sigma_max (the generator's input noise level),
                                              sigma_data
@@ -16,9 +16,9 @@ and load with
     images = pipe(class_labels=[3, 5], seeds=[0, 1]).images
 
 which computes x = D(sigma_max z, sigma_max, y) with EDM's preconditioning around the UNet, z from one generator
-per seed: the same images as ``fdistill sample`` on the checkpoint. Importing this module (and not diffusers) is
-enough for ``from_pretrained`` to resolve the ``fdistill.export`` entries: diffusers resolves a library that is not
-its own from the modules already imported, and never imports one because a folder names it.
+per seed: the same images as ``fdistill sample`` on the checkpoint. Import ``OneStepPipeline`` from here (or from
+``fdistill.onestep``) before ``from_pretrained``: diffusers resolves a library that is not its own from the
+modules already imported.
 
 Stable Diffusion runs (``coco_t2i``) export to a stock ``StableDiffusionPipeline`` folder (fdistill.export_sd).
 
@@ -168,21 +168,26 @@ def _replace(tmp: Path, out: Path):
 
 
 def export(source: str | os.PathLike, out_dir: str | os.PathLike, which: str = "ema", force: bool = False,
-           teacher: str | None = None) -> Path:
+           teacher: str | None = None, dtype: torch.dtype | None = None, safety_checker: bool = False) -> Path:
     """Write a run's generator (``source``: run directory = its newest checkpoint, or a ckpt-<step> folder) as
     a diffusers folder: OneStepPipeline for EDM runs, StableDiffusionPipeline for coco_t2i runs. Written to a
     temporary folder and renamed; a non-empty ``out_dir`` is replaced only with ``force`` (and only if it is an
-    earlier export)."""
+    earlier export). ``dtype`` and ``safety_checker`` apply to Stable Diffusion runs (the UNet's saved dtype; copy
+    the teacher's safety checker)."""
     ckpt = resolve_checkpoint(source)
     cfg = checkpoint_meta(ckpt).get("config") or {}
     out = Path(out_dir)
     _check_out(out, force, ckpt)
     pipeline = cfg.get("pipeline")
     if pipeline in SD_PIPELINES:
-        return export_from_checkpoint(ckpt, out, teacher, which, overwrite=out.exists())
+        return export_from_checkpoint(ckpt, out, teacher, which, overwrite=out.exists(), dtype=dtype,
+                                      safety_checker=safety_checker)
     if pipeline not in EDM_PIPELINES:
         raise ValueError(f"{ckpt} is a {pipeline!r} run; export supports the image pipelines "
                          f"({', '.join(EDM_PIPELINES + SD_PIPELINES)})")
+    if dtype is not None or safety_checker:
+        raise ValueError("--dtype and --safety-checker apply to Stable Diffusion (coco_t2i) runs; an EDM export "
+                         "keeps the generator's float32 weights")
     pipe = pipeline_from_checkpoint(ckpt, which, teacher)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -18,7 +18,7 @@ from tiny_models import make_tiny_sd  # noqa: E402
 
 QUICK = {
     "test_divergences.py", "test_ratio.py", "test_objective_gradient.py", "test_denoisers.py", "test_layers.py",
-    "test_lm_losses.py", "test_lm_config.py", "test_metrics_pr.py", "test_prompts.py",
+    "test_lm_losses.py", "test_lm_config.py", "test_metrics_pr.py", "test_prompts.py", "test_docs.py",
 }
 
 

@@ -292,7 +292,7 @@ ADM_IMAGENET64 = dict(
     downsample_type="resnet", upsample_type="resnet", dropout=0.1, act_fn="silu", attention_head_dim=64,
     norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5, resnet_time_scale_shift="scale_shift",
     add_attention=True, class_embed_type=None, num_class_embeds=1000,
-)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl (REFERENCE.md s.7)
+)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl (its ADM network maps exactly onto diffusers' UNet2DModel)
 
 
 class _RandomImages(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..utils import DTYPES
 from . import call
 
 
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "as ema_0.9999")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the one in the run's config)")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier export")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="Stable Diffusion runs: save the UNet in this dtype (default: as trained, float32)")
+    p.add_argument("--safety-checker", action="store_true",
+                   help="Stable Diffusion runs: copy the teacher's safety checker into the folder")
     return p
 
 
@@ -38,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from ..export import EXPORT_META, export  # diffusers: only once the arguments are good
 
-    out, rc = call("fdistill export", export, a.source, a.out, a.which, a.force, a.teacher)
+    out, rc = call("fdistill export", export, a.source, a.out, a.which, a.force, a.teacher,
+                   DTYPES[a.dtype] if a.dtype else None, a.safety_checker)
     if rc:
         return rc
     meta_path = out / EXPORT_META

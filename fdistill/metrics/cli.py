@@ -28,7 +28,7 @@ writes), or an .npz of features from --save-features.
 REF: an .npz of statistics with mu/sigma (from `fdistill eval ref`, or EDM's published reference files such as
 imagenet-64x64.npz), a folder/.zip of images, or an .npz of images.
 
-Protocols (the README section on evaluation):
+Protocols (docs/evaluation.md):
   ImageNet-64 (EDM/DMD2/f-distill): 50,000 samples, seeds 0..49999, REF = EDM's imagenet-64x64.npz,
     --mode legacy_tensorflow (chosen automatically for statistics without metadata, such as EDM's).
   COCO-30k (DMD2): --num 30000 --pre-resize 256 --mode clean, REF = statistics of the 30k val2014 images

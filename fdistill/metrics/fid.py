@@ -5,7 +5,7 @@ float; ``legacy_tensorflow``: no resize outside, the network's TF-style bilinear
 reader (``get_files_features``), ``get_batch_features`` and ``frechet_distance``. What this module adds is input
 handling (arrays, tensors, npz files, EDM's reference statistics) and a record of the protocol.
 
-Protocols (see the README section on evaluation):
+Protocols (docs/evaluation.md):
 
 * ImageNet-64 as in EDM / DMD2 / f-distill: 50,000 samples (seeds 0..49999) against EDM's reference statistics
   ``imagenet-64x64.npz``, mode ``legacy_tensorflow`` -- EDM's fid.py feeds the 64x64 uint8 images to NVIDIA's

@@ -8,7 +8,7 @@
    ``torch.Generator().manual_seed(seed_offset + i)``. Images go to OUT/images/{i:05d}.png in chunks; a rerun
    skips the images already written (resumable).
 3. FID against the selected val2014 images, both sides centre-cropped to a square and resized to 256 with PIL
-   Lanczos, then clean-fid's ``clean`` mode (the README section on evaluation); the reference statistics are cached in OUT. CLIP score
+   Lanczos, then clean-fid's ``clean`` mode (docs/evaluation.md); the reference statistics are cached in OUT. CLIP score
    with open_clip ViT-g-14 (laion2b_s12b_b42k), DMD2's preprocessing and prefix (fdistill.metrics.clip_score).
 
     fdistill eval coco MODEL_DIR --captions annotations/captions_val2014.json --images val2014/ --out OUT \

@@ -261,7 +261,7 @@ def load_teacher_parts(teacher: str, variant: str = ""):
 
     if teacher is None:
         raise ValueError("teacher= is required: a diffusers Stable Diffusion folder or hub id, e.g. "
-                         "stable-diffusion-v1-5/stable-diffusion-v1-5 (see the README section on Stable Diffusion v1.5)")
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5 (see docs/sd.md)")
     kw = load_kwargs(teacher, variant)
     try:
         unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", torch_dtype=torch.float32, **kw)
@@ -275,7 +275,7 @@ def load_teacher_parts(teacher: str, variant: str = ""):
         raise FileNotFoundError(
             f"cannot load the Stable Diffusion teacher {teacher!r}: {e}\nDownload it once with "
             "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir SD15` and pass "
-            "teacher=SD15 (the README section on Stable Diffusion v1.5).") from None
+            "teacher=SD15 (docs/sd.md).") from None
     return unet, sched, vae, text_encoder, tokenizer
 
 

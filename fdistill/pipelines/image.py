@@ -8,7 +8,7 @@ folder of class sub-folders, an npz).
     teacher        EDMPrecondUNet(unet), frozen (optionally bf16 weights); its bottleneck feeds the discriminator
     generator      OneStepGenerator(copy of the teacher, sigma_max): x = D(sigma_max z, sigma_max, c)
     fake score     a copy of the teacher; both copies fp32 and trainable (paper s.4: initialised from the teacher)
-    discriminator  heads sized from the teacher's feature maps (REFERENCE.md s.3)
+    discriminator  heads sized from the teacher's feature maps (docs/method.md, "The density ratio")
 
 Resolution, channels and the number of classes default to the teacher's own; ``pipeline: imagenet64`` is this
 pipeline with ImageNet-64's values, checked against the teacher. ``task.init_from`` starts the trainable
@@ -39,7 +39,7 @@ from ..task import Task, check_task_keys
 
 DEFAULTS = {
     # Weights of the frozen teacher: 'float32' or 'bfloat16' (halves its memory; under GPU autocast its matmuls
-    # run in bf16 either way). The trainable copies are always fp32 (DESIGN.md conventions).
+    # run in bf16 either way). The trainable copies are always fp32 (their updates are too small for bf16).
     "teacher_dtype": "float32",
     "resolution": None,      # None: the teacher's sample_size
     "channels": None,        # None: the teacher's in_channels

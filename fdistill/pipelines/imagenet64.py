@@ -2,7 +2,7 @@
 ``fdistill convert-edm``, with ImageNet 64x64 in EDM's dataset-zip format as the real data.
 
 It is the ``image`` pipeline with ImageNet-64's resolution, channels and classes as defaults (checked against
-the teacher, so a wrong folder fails at once). Recipe: configs/imagenet64_*.yaml; guide: the README section on ImageNet-64.
+the teacher, so a wrong folder fails at once). Recipe: configs/imagenet64_*.yaml; guide: docs/imagenet64.md.
 """
 
 from __future__ import annotations
