@@ -4,7 +4,7 @@ Same as `fdistill eval clip`; see the README section on evaluation for the COCO-
 """
 import sys
 
-from fdistill.metrics.cli import main
+from fdistill.commands.eval import main
 
 if __name__ == "__main__":
     sys.exit(main(["clip", *sys.argv[1:]]))

@@ -5,7 +5,7 @@ See the README section on evaluation for the papers' protocols.
 """
 import sys
 
-from fdistill.metrics.cli import main
+from fdistill.commands.eval import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

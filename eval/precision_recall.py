@@ -4,7 +4,7 @@ Same as `fdistill eval pr`; see the README section on evaluation.
 """
 import sys
 
-from fdistill.metrics.cli import main
+from fdistill.commands.eval import main
 
 if __name__ == "__main__":
     sys.exit(main(["pr", *sys.argv[1:]]))

@@ -58,10 +58,10 @@ def _delegate(module: str, func: str = "main"):
 
 def _eval(argv: list[str]) -> int:
     if argv and argv[0] == "coco":  # the COCO-30k protocol lives with the text-to-image pipeline
-        return _main_of("fdistill.pipelines.coco_eval")(argv[1:])
+        return _main_of("fdistill.commands.coco_eval")(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print("fdistill eval coco ...   the COCO-30k protocol for SD text-to-image (see `fdistill eval coco --help`)\n")
-    return _main_of("fdistill.metrics.cli")(argv)
+    return _main_of("fdistill.commands.eval")(argv)
 
 
 HANDLERS = {
@@ -70,8 +70,8 @@ HANDLERS = {
     "sample": _delegate("fdistill.commands.sample"),
     "export": _delegate("fdistill.commands.export"),
     "eval": _eval,
-    "convert-edm": _delegate("fdistill.convert.edm"),
-    "lm": _delegate("fdistill.lm.cli"),
+    "convert-edm": _delegate("fdistill.commands.convert_edm"),
+    "lm": _delegate("fdistill.commands.lm"),
 }
 
 

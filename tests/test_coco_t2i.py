@@ -354,7 +354,7 @@ def test_coco30k_end_to_end_tiny(sd_dir, tmp_path):
     import open_clip
 
     from fdistill.export_sd import export_sd_pipeline
-    from fdistill.pipelines import coco_eval
+    from fdistill.commands import coco_eval as coco_eval_cmd
 
     model = export_sd_pipeline(_parts(sd_dir)[0], str(sd_dir), tmp_path / "student")
     path, images = _val_json(tmp_path)
@@ -369,10 +369,10 @@ def test_coco30k_end_to_end_tiny(sd_dir, tmp_path):
                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     clip = (open_clip.model.CLIP(**clip_cfg).eval(), open_clip.transform.image_transform(32, is_train=False),
             open_clip.tokenizer.SimpleTokenizer(context_length=16))
-    args = coco_eval.build_parser().parse_args([str(model), "--captions", str(path), "--images", str(val), "--out",
+    args = coco_eval_cmd.build_parser().parse_args([str(model), "--captions", str(path), "--images", str(val), "--out",
                                                 str(tmp_path / "eval"), "--num", "5", "--batch-size", "2",
                                                 "--device", "cpu", "--quiet"])
-    res = coco_eval.run(args, inception=_pooled, clip_model=clip)
+    res = coco_eval_cmd.run(args, inception=_pooled, clip_model=clip)
     assert res["generated_now"] == 5 and np.isfinite(res["fid"]) and res["fid"] > 0
     assert -1 <= res["clip_score"] <= 1
     pngs = sorted((tmp_path / "eval" / "images").glob("*.png"))
@@ -387,7 +387,7 @@ def test_coco30k_end_to_end_tiny(sd_dir, tmp_path):
     assert np.abs((img * 255).round() - np.asarray(Image.open(pngs[3]), dtype=np.float64)).max() <= 1
     # resumable: a rerun generates nothing and reproduces the numbers (reference statistics from the cache)
     (tmp_path / "eval" / "images" / "00004.png").unlink()
-    res2 = coco_eval.run(args, inception=_pooled, clip_model=clip)
+    res2 = coco_eval_cmd.run(args, inception=_pooled, clip_model=clip)
     assert res2["generated_now"] == 1 and (tmp_path / "eval" / "ref_stats.npz").is_file()
     assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
     assert res2["clip_score"] == pytest.approx(res["clip_score"], abs=1e-6)

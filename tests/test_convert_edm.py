@@ -16,8 +16,9 @@ from edm_reference import (_Persistent, edm_attention, edm_block, edm_precond, e
                            fake_torch_utils, flat_state, write_edm_pickle)
 
 from fdistill.convert import edm as edm_mod
-from fdistill.convert.edm import (build_unet, convert_edm, edm_denoise, load_converted, main,
-                                  map_adm_state_dict, read_edm_network, adm_unet_config)
+from fdistill.commands.convert_edm import main
+from fdistill.convert.edm import (adm_unet_config, build_unet, convert_edm, edm_denoise, load_converted,
+                                  map_adm_state_dict, read_edm_network)
 from fdistill.convert.safe_pickle import UnsafePickleError, safe_load
 from fdistill.denoisers import EDMPrecondUNet
 

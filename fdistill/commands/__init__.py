@@ -18,11 +18,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 """Errors that describe a wrong input (each message names the problem and the fix): printed, not raised."""
 
 
-def call(prog: str, fn: Callable[..., Any], *args, errors: tuple = USER_ERRORS, code: int = 2, **kwargs):
+def call(prog: str, fn: Callable[..., Any], *args, errors: tuple = USER_ERRORS, code: int = 2,
+         codes: dict | None = None, **kwargs):
     """``(fn(*args, **kwargs), 0)``; a user error instead prints ``PROG: error: MESSAGE`` to stderr and returns
-    ``(None, code)``. Anything else (a bug) propagates with its traceback."""
+    ``(None, code)`` (or the code ``codes`` gives its type). Anything else (a bug) propagates with its
+    traceback."""
     try:
         return fn(*args, **kwargs), 0
     except errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return None, code
+        return None, next((c for t, c in (codes or {}).items() if isinstance(e, t)), code)

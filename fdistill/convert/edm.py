@@ -23,19 +23,17 @@ NCSN++'s Fourier embedding and residual encoder), so they are refused with an ex
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +44,7 @@ from .safe_pickle import UnsafePickleError, module_state, safe_load
 
 __all__ = [
     "PRECOND_FILE", "EDMNetwork", "read_edm_network", "adm_unet_config", "map_adm_state_dict", "build_unet",
-    "convert_edm", "load_converted", "edm_denoise", "main", "UnsafePickleError",
+    "convert_edm", "load_converted", "edm_denoise", "UnsafePickleError",
 ]
 
 PRECOND_FILE = "fdistill_config.json"
@@ -576,48 +574,3 @@ def edm_denoise(unet, precond: dict, x: torch.Tensor, sigma, class_labels: torch
     if unet.class_embedding is not None and class_labels is None:
         raise ValueError("this teacher is class-conditional: pass class_labels")
     return EDMPrecondUNet(unet, float(precond["sigma_data"]), ()).denoise(x, sigma, class_labels)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fdistill convert-edm",
-        description=(
-            "Convert an NVlabs EDM ADM checkpoint (e.g. edm-imagenet-64x64-cond-adm.pkl) into a diffusers "
-            "UNet2DModel folder usable as an fdistill teacher. The pickle is read with a restricted unpickler: "
-            "the class source EDM embeds in its pickles is never executed, and a pickle that asks for anything "
-            "besides tensors and plain containers is refused. A state dict with EDM parameter names "
-            "(.pth/.pt/.safetensors) is accepted too. The output holds config.json, "
-            f"diffusion_pytorch_model.safetensors and {PRECOND_FILE} (EDM preconditioning: sigma_data, sigma range, "
-            "c_noise = log(sigma)/4 fed to the UNet as its timestep)."),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Load it back with fdistill.convert.edm.load_converted(OUT_DIR) -> (unet, precond).")
-    p.add_argument("src", metavar="PKL_OR_STATE_DICT", help="EDM network pickle (.pkl), torch checkpoint "
-                   "(.pt/.pth) or safetensors state dict with EDM parameter names")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist or be empty unless --force)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        rec = convert_edm(args.src, args.out_dir, force=args.force)
-    except UnsafePickleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cond = f"{rec['label_dim']} classes" if rec["label_dim"] else "unconditional"
-    print(f"wrote {args.out_dir}: ADM UNet2DModel {rec['resolution']}x{rec['resolution']}, {cond}, "
-          f"EDM preconditioning sigma_data={rec['sigma_data']}"
-          + (f"; dropped (training-only): {', '.join(rec['dropped_keys'])}" if rec["dropped_keys"] else ""))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

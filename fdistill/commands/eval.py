@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..metrics.clip_score import PAPER_PRETRAINED, clip_similarities
+from ..metrics.fid import (IMAGE_NPZ_KEYS, _npz_keys, compute_fid, describe_file, features_of, is_stats_file,
+                           list_image_files, load_features_npz, load_image_npz, load_stats, make_reference)
+from ..metrics.inception import load_inception
+from ..metrics.precision_recall import precision_recall
 from ..prompts import read_prompts
-from .clip_score import PAPER_PRETRAINED, clip_similarities
-from .fid import (IMAGE_NPZ_KEYS, _npz_keys, compute_fid, describe_file, features_of, is_stats_file, list_image_files,
-                  load_features_npz, load_image_npz, load_stats, make_reference)
-from .inception import load_inception
-from .precision_recall import precision_recall
+from . import call
 
 EPILOG_FID = """\
 GEN: a folder (or .zip) of images, an .npz of uint8 images NHWC (key arr_0 or x; what `fdistill sample --npz`
@@ -260,11 +261,9 @@ _RUNNERS = {"fid": _run_fid, "ref": _run_ref, "pr": _run_pr, "clip": _run_clip}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = _RUNNERS[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fdistill eval {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    result, rc = call(f"fdistill eval {args.command}", _RUNNERS[args.command], args)
+    if rc:
+        return rc
     _emit(result, getattr(args, "out", None) if args.command != "ref" else None)
     return 0
 
