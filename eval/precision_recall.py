@@ -1,6 +1,6 @@
 """Improved precision/recall (k=3, Inception features): `python eval/precision_recall.py GEN REF [options]`.
 
-Same as `fdistill eval pr`; see the README section on evaluation.
+Same as `fdistill eval pr`; see docs/evaluation.md.
 """
 import sys
 

@@ -16,8 +16,7 @@ from PIL import Image
 
 torch.set_num_threads(1)
 
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextModel  # noqa: E402
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
 from fdistill.config import load_config  # noqa: E402
 from fdistill.denoisers_vp import CFGDenoiser, VPUNetDenoiser  # noqa: E402

@@ -13,6 +13,7 @@ import torch
 from ..metrics.fid import load_stats
 from ..pipelines.coco_eval import NUM, PRE_RESIZE, SEED, evaluate, generate, reference_stats, select_captions
 from ..prompts import read_prompts
+from ..utils import DTYPES
 from . import call
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1, help="inference steps (1 for a one-step export)")
     p.add_argument("--guidance", type=float, default=1.0, help="pipeline CFG scale (1 = none; students: 1)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--inception", default=None, help="TorchScript Inception (default lookup; never downloads)")
     p.add_argument("--clip-model", default="ViT-g-14", help="open_clip architecture or local-dir:FOLDER")
@@ -68,7 +69,7 @@ def run(a, inception=None, clip_model=None) -> dict:
     sel_path.write_text(json.dumps({"seed": a.seed, "num": a.num, "captions_file": a.captions or a.prompts,
                                     "selection": selection}))
     (out / "captions.txt").write_text("\n".join(captions) + "\n")  # image order, for `fdistill eval clip`
-    dtype = getattr(torch, a.dtype)
+    dtype = DTYPES[a.dtype]
     made = generate(a.model, captions, out / "images", a.steps, a.guidance, a.batch_size, a.seed_offset, device,
                     dtype, not a.quiet)
     result = {"model": a.model, "num": a.num, "generated_now": made, "steps": a.steps, "guidance": a.guidance,

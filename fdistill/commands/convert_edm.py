@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..convert.edm import convert_edm
+from ..convert.edm import PRECOND_FILE, convert_edm
 from ..convert.safe_pickle import UnsafePickleError
 from . import USER_ERRORS, call
 

@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..imageio import ChunkStore, PngStore, record_arrays, save_grid, u8_to_float, write_image_npz
 from ..prompts import read_prompts
 from ..sampler import per_image_random_labels
+from ..utils import DTYPES
 from . import call
 
 
@@ -91,7 +91,7 @@ def build_sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale of a StableDiffusionPipeline "
                                                                 "(one-step exports: 1)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -159,7 +159,7 @@ def sample(a) -> dict:
         raise ValueError("nothing to write: pass --outdir DIR, --npz FILE and/or --grid PNG")
     if a.batch <= 0:
         raise ValueError(f"--batch must be positive, got {a.batch}")
-    src = open_source(a.source, a.which, a.teacher, a.device, getattr(torch, a.dtype), a.steps, a.guidance)
+    src = open_source(a.source, a.which, a.teacher, a.device, DTYPES[a.dtype], a.steps, a.guidance)
     seeds, records = _plan(a, src)
     n = len(seeds)
     settings = {**src.info, "dtype": a.dtype}

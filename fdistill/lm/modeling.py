@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fdistill.lm.losses import token_logps
+from fdistill.utils import dtype_from_name
 
 Tensor = torch.Tensor
 
@@ -20,7 +21,7 @@ Tensor = torch.Tensor
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype_from_name(dtype))
     if not trainable:
         model.eval().requires_grad_(False)
     return model
