@@ -53,3 +53,12 @@ def per_image_random_labels(seeds, shape, num_classes: int) -> torch.Tensor:
         torch.randn(shape, generator=g)  # the latent comes first from the same stream
         out.append(int(torch.randint(0, num_classes, (), generator=g)))
     return torch.tensor(out, dtype=torch.long)
+
+
+class SampleSource:
+    """What `fdistill sample` draws from: ``generate(seeds, records) -> uint8 NHWC`` where a record is
+    {'label': int}, {'prompt': str} or {}. ``info`` identifies the weights (checked when resuming)."""
+
+    def __init__(self, kind: str, generate, num_classes: int, info: dict, latent_shape=None):
+        self.kind, self.generate, self.num_classes, self.info = kind, generate, num_classes, info
+        self.latent_shape = latent_shape

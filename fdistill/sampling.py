@@ -4,4 +4,5 @@
 from __future__ import annotations
 
 from .imageio import save_grid, to_uint8, write_image_npz  # noqa: F401
-from .sampler import edm_nfe, edm_sample, one_step_sample, per_image_latents, per_image_random_labels  # noqa: F401
+from .sampler import (SampleSource, edm_nfe, edm_sample, one_step_sample, per_image_latents,  # noqa: F401
+                      per_image_random_labels)

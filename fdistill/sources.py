@@ -19,17 +19,8 @@ from .export import EDM_PIPELINES, EXPORT_META, SD_PIPELINES, load_exported, pip
 from .export_sd import one_step_scheduler, unet_from_checkpoint
 from .hub import load_kwargs
 from .imageio import to_uint8
-from .sampler import per_image_latents
+from .sampler import SampleSource, per_image_latents
 from .weights import checkpoint_meta, resolve_checkpoint
-
-
-class SampleSource:
-    """What `fdistill sample` draws from: ``generate(seeds, records) -> uint8 NHWC`` where a record is
-    {'label': int}, {'prompt': str} or {}. ``info`` identifies the weights (checked when resuming)."""
-
-    def __init__(self, kind: str, generate, num_classes: int, info: dict, latent_shape=None):
-        self.kind, self.generate, self.num_classes, self.info = kind, generate, num_classes, info
-        self.latent_shape = latent_shape
 
 
 def _sd_source(pipe, info: dict, steps: int, guidance: float, device, dtype) -> SampleSource:

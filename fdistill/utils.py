@@ -17,8 +17,9 @@ import torch.distributed as dist
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Config / command-line dtype names -> torch dtypes."""
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"})
-"""File suffixes read as images (lower case, with the dot)."""
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
+"""File suffixes read as images, matched case-insensitively: clean-fid's image set (its folder FID reads the same
+files), without its .npy."""
 
 
 def is_image_file(name: str | os.PathLike) -> bool:

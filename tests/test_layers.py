@@ -14,9 +14,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fdistill"
 # optional (mlxtend, xformers). The commands import their implementation after parsing their arguments.
 HEAVY = {"diffusers", "transformers", "accelerate", "open_clip", "cleanfid", "mlxtend", "huggingface_hub",
          "torch.nn.attention", "torch.distributed.fsdp", "torch.distributed.checkpoint", "xformers", "peft"}
-# fdistill modules that import heavy dependencies at their top: a local import of them is a heavy import too
+# fdistill modules that import heavy dependencies at their top (diffusers, clean-fid): a local import of them is
+# a heavy import too
 HEAVY_FDISTILL = {"fdistill.sources", "fdistill.export", "fdistill.export_sd", "fdistill.onestep",
-                  "fdistill.metrics.fid", "fdistill.metrics.cli", "fdistill.pipelines", "fdistill.trainer",
+                  "fdistill.metrics.fid", "fdistill.commands.eval", "fdistill.pipelines", "fdistill.trainer",
                   "fdistill.lm.demo"}
 MAX_LOCAL_IMPORTS = 50
 # The trainer's own (config, tqdm, safetensors, the task registry) go with its redesign, the second step of

@@ -31,11 +31,11 @@ import torch
 import torchvision
 from cleanfid.fid import frechet_distance, get_batch_features, get_files_features
 from cleanfid.resize import build_resizer
-from cleanfid.utils import EXTENSIONS
 from PIL import Image
 from tqdm import tqdm
 
 from ..data.images import npz_member
+from ..utils import is_image_file
 from .inception import load_inception, sha256_file
 
 MODES = ("clean", "legacy_tensorflow")
@@ -160,16 +160,14 @@ def inception_features(images, batch_size: int = 50, device: str | torch.device 
 
 
 def list_image_files(path: str | os.PathLike) -> list[str]:
-    """Image files of a folder (recursive) or zip (e.g. an EDM dataset zip), sorted -- clean-fid's extensions."""
+    """Image files of a folder (recursive) or zip (e.g. an EDM dataset zip), sorted (``fdistill.utils``'s image
+    extensions, any case)."""
     path = str(path)
     if path.lower().endswith(".zip") and os.path.isfile(path):
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        files = [n for n in names if os.path.splitext(n)[1].lower()[1:] in EXTENSIONS]
-    else:
-        files = [f for ext in EXTENSIONS for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)]
-    # A set: on case-insensitive file systems 'png' and 'PNG' match the same file twice.
-    return sorted(set(files))
+            return sorted(n for n in zf.namelist() if is_image_file(n))
+    return sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                  if is_image_file(f) and os.path.isfile(f))
 
 
 def folder_features(path: str | os.PathLike, num: int | None = None, batch_size: int = 50,
