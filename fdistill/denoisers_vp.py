@@ -2,7 +2,7 @@
 
 The package speaks EDM's variance-exploding form x_t = x0 + sigma * eps. A VP model such as Stable Diffusion's
 ``UNet2DConditionModel`` was trained on x_VP = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at DDPM timesteps t. The two
-are the same process up to a scale (REFERENCE.md s.2):
+are the same process up to a scale (docs/method.md, "Setting"):
 
     sigma_t = sqrt((1 - abar_t) / abar_t),    x_VP = x_t / sqrt(1 + sigma^2),    sqrt(abar_t) = 1 / sqrt(1 + sigma^2)
 
@@ -139,7 +139,7 @@ def _cat(a: Any, b: Any) -> Any:
 
 
 class CFGDenoiser(Denoiser):
-    """Classifier-free guidance in x0 space around a conditional denoiser (REFERENCE.md s.2):
+    """Classifier-free guidance in x0 space around a conditional denoiser (the guided teacher of DMD2 and f-distill):
 
         x0 = x0_c + (w - 1) (x0_c - x0_u)
 

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 # tracker name (accelerate's) -> the module it needs
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
@@ -93,9 +94,7 @@ def log_newest_grid(accelerator, names: list, run_dir: Path, step: int, since: f
     grids = [p for p in Path(run_dir).glob("samples*.png") if p.stat().st_mtime >= since]
     if not grids:
         return
-    import PIL.Image
-
-    with PIL.Image.open(max(grids, key=lambda p: p.stat().st_mtime)) as im:
+    with Image.open(max(grids, key=lambda p: p.stat().st_mtime)) as im:
         img = np.asarray(im.convert("RGB"))[None]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

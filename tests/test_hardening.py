@@ -332,7 +332,7 @@ def test_fid_refuses_bad_statistics_with_a_clear_message(tmp_path):
 def test_convert_edm_names_files_that_are_not_pickles(tmp_path, capsys):
     import pickle
 
-    from fdistill.convert.edm import main as convert_main
+    from fdistill.commands.convert_edm import main as convert_main
 
     good = pickle.dumps({"ema": {"a": 1}}, protocol=4)
     (tmp_path / "empty.pkl").write_bytes(b"")

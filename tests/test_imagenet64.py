@@ -2,13 +2,12 @@
 full-size ADM smoke test (``-m fullsize``).
 
 The tiny teacher is a real EDM-format ADM pickle (8x8, 128 channels, 10 classes; the smallest ADM the converter
-maps) written with tests/test_convert_edm.py's builder and converted by ``fdistill convert-edm``; the data is a
+maps) written with tests/edm_reference.py's builder and converted by ``fdistill convert-edm``; the data is a
 tiny EDM dataset zip. Together they stand in for edm-imagenet-64x64-cond-adm.pkl and imagenet-64x64.zip.
 """
 
 import io
 import json
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -19,11 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_convert_edm import edm_precond, write_edm_pickle  # noqa: E402
+from edm_reference import edm_precond, write_edm_pickle
 
-from fdistill.cli import main as cli  # noqa: E402
-from fdistill.config import load_config  # noqa: E402
+from fdistill.cli import main as cli
+from fdistill.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -307,7 +305,7 @@ ADM_IMAGENET64 = dict(
     downsample_type="resnet", upsample_type="resnet", dropout=0.1, act_fn="silu", attention_head_dim=64,
     norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5, resnet_time_scale_shift="scale_shift",
     add_attention=True, class_embed_type=None, num_class_embeds=1000,
-)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl
+)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl (its ADM network maps exactly onto diffusers' UNet2DModel)
 
 
 class _RandomImages(torch.utils.data.Dataset):

@@ -30,22 +30,26 @@ import copy
 import hashlib
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..denoisers import freeze
 from ..denoisers_vp import CFGDenoiser, VPUNetDenoiser
 from ..discriminator import Discriminator
 from ..generator import OneStepGenerator
+from ..hub import load_kwargs
+from ..imageio import save_grid
 from ..noise import NoiseSchedule, vp_sigmas
-from . import Task, check_task_keys
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from ..prompts import coco_captions_by_file, read_prompts
+from ..sampler import per_image_latents
+from ..utils import DTYPES, IMAGE_EXTENSIONS, atomic_npy, barrier, is_local_writer
+from ..task import Task, check_task_keys
 
 DEFAULTS = {
     "teacher_dtype": "bfloat16",
@@ -87,98 +91,8 @@ DEFAULTS = {
     # attention mask as encoder_attention_mask); False = stock SD1.5, which attends to them. Set by `recipe`.
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # ------------------------------------------------------------------------------------------------------------
-# distributed helpers (the task is built on every process; files are written by one per node)
-
-
-def _dist():
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _is_local_writer() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
-def _barrier():
-    d = _dist()
-    if d is not None:
-        d.barrier()
-
-
-def _atomic_npy(path: Path, shape, dtype, fill) -> None:
-    """Write an .npy memmap under a unique temporary name, fill it chunk by chunk, then rename it into place:
-    an interrupted run never leaves a partial cache, and concurrent writers on a shared disk each rename a whole
-    file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{socket.gethostname()}.{os.getpid()}.tmp.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-    try:
-        fill(arr)
-        arr.flush()
-        del arr
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover
-        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-
-
-def load_kwargs(teacher: str, variant: str = "") -> dict:
-    """from_pretrained kwargs: never contact the hub when offline or for a local folder."""
-    kw = {"local_files_only": _offline() or Path(teacher).is_dir()}
-    if variant:
-        kw["variant"] = variant
-    return kw
-
-
-# ------------------------------------------------------------------------------------------------------------
-# prompts
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a COCO captions JSON (2014 format: every annotation's caption), a JSON list of strings, or a
-    text file (one prompt per non-empty line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} not found (a COCO captions JSON such as "
-                                "annotations/captions_train2014.json, or a .txt with one prompt per line)")
-    if p.suffix.lower() == ".json":
-        data = json.loads(p.read_text())
-        if isinstance(data, dict) and "annotations" in data:
-            return [_clean(a["caption"]) for a in data["annotations"]]
-        if isinstance(data, list) and all(isinstance(x, str) for x in data):
-            return [_clean(x) for x in data]
-        raise ValueError(f"{p}: expected a COCO captions JSON (with 'annotations') or a list of strings")
-    prompts = [_clean(line) for line in p.read_text(encoding="utf-8").splitlines()]
-    return [x for x in prompts if x]
-
-
-def _clean(text: str) -> str:
-    return " ".join(str(text).split())  # COCO captions carry stray newlines and double spaces
-
-
-def coco_captions_by_file(path: str | os.PathLike) -> dict[str, list[str]]:
-    """{image file name: [captions]} from a COCO captions JSON."""
-    data = json.loads(Path(path).read_text())
-    if not (isinstance(data, dict) and "images" in data and "annotations" in data):
-        raise ValueError(f"{path} is not a COCO captions JSON (needs 'images' and 'annotations')")
-    names = {im["id"]: im["file_name"] for im in data["images"]}
-    out: dict[str, list[str]] = {}
-    for a in data["annotations"]:
-        if a["image_id"] in names:
-            out.setdefault(names[a["image_id"]], []).append(_clean(a["caption"]))
-    return out
+# prompts (read by fdistill.prompts; the hub and cache helpers are fdistill.hub and fdistill.utils)
 
 
 @torch.no_grad()
@@ -228,15 +142,15 @@ class PromptBank:
             self.table = torch.cat([encode_prompts(tokenizer, text_encoder, texts[i:i + 4096], batch_size).cpu()
                                     .half() for i in range(0, len(texts), 4096)])
         elif mode == "disk":
-            if not cache_path.is_file() and _is_local_writer():
+            if not cache_path.is_file() and is_local_writer():
                 probe = encode_prompts(tokenizer, text_encoder, texts[:1])
 
                 def fill(arr):
                     for i in range(0, len(texts), 4096):
                         e = encode_prompts(tokenizer, text_encoder, texts[i:i + 4096], batch_size)
                         arr[i:i + len(e)] = e.cpu().half().numpy()
-                _atomic_npy(cache_path, (len(texts), *probe.shape[1:]), np.float16, fill)
-            _barrier()  # every process, whether or not it wrote (a conditional barrier can deadlock)
+                atomic_npy(cache_path, (len(texts), *probe.shape[1:]), np.float16, fill)
+            barrier()  # every process, whether or not it wrote (a conditional barrier can deadlock)
             self.table = np.load(cache_path, mmap_mode="r")
             if len(self.table) != len(texts):
                 raise ValueError(f"{cache_path} holds {len(self.table)} embeddings, expected {len(texts)}; delete it")
@@ -271,8 +185,6 @@ def list_images(root: str | os.PathLike) -> list[str]:
 
 def load_image(path, resolution: int) -> torch.Tensor:
     """RGB image -> [3, R, R] float in [-1, 1]: short side resized to R (bicubic, antialiased), centre crop."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -314,8 +226,7 @@ def latent_cache(data: str, vae, resolution: int, cache_path: Path | None, cache
                                    float(vae.config.scaling_factor)]).encode()).hexdigest()[:12]
     path = Path(cache_path) if cache_path else cache_dir / f"latents-{key}.npy"
     meta_path = path.with_suffix(".json")
-    if not path.is_file() and _is_local_writer():
-        from tqdm.auto import tqdm
+    if not path.is_file() and is_local_writer():
 
         h = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
         shape = (len(files), vae.config.latent_channels, h, h)
@@ -330,8 +241,8 @@ def latent_cache(data: str, vae, resolution: int, cache_path: Path | None, cache
         meta_path.write_text(json.dumps({"data": str(src.resolve()), "files": files, "resolution": resolution,
                                          "teacher": teacher_id, "encoding": "vae posterior mean x scaling_factor",
                                          "dtype": "float16"}))
-        _atomic_npy(path, shape, np.float16, fill)
-    _barrier()
+        atomic_npy(path, shape, np.float16, fill)
+    barrier()
     arr = np.load(path, mmap_mode="r")
     if len(arr) != len(files):
         raise ValueError(f"latent cache {path} holds {len(arr)} latents but {src} has {len(files)} images; delete the "
@@ -371,7 +282,7 @@ def load_teacher_parts(teacher: str, variant: str = ""):
 
     if teacher is None:
         raise ValueError("teacher= is required: a diffusers Stable Diffusion folder or hub id, e.g. "
-                         "stable-diffusion-v1-5/stable-diffusion-v1-5 (see the README section on Stable Diffusion v1.5)")
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5 (see docs/sd.md)")
     kw = load_kwargs(teacher, variant)
     try:
         unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", torch_dtype=torch.float32, **kw)
@@ -385,7 +296,7 @@ def load_teacher_parts(teacher: str, variant: str = ""):
         raise FileNotFoundError(
             f"cannot load the Stable Diffusion teacher {teacher!r}: {e}\nDownload it once with "
             "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir SD15` and pass "
-            "teacher=SD15 (the README section on Stable Diffusion v1.5).") from None
+            "teacher=SD15 (docs/sd.md).") from None
     return unet, sched, vae, text_encoder, tokenizer
 
 
@@ -409,8 +320,8 @@ def build(cfg, device) -> Task:
     t = check_task_keys(cfg.task, DEFAULTS, "coco_t2i")
     if cfg.noise.grid != "vp":
         raise ValueError("pipeline coco_t2i uses the teacher's DDPM grid: set noise.grid: vp")
-    if t["teacher_dtype"] not in _DTYPES or t["vae_dtype"] not in _DTYPES:
-        raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(_DTYPES)}")
+    if t["teacher_dtype"] not in DTYPES or t["vae_dtype"] not in DTYPES:
+        raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(DTYPES)}")
     if not cfg.prompts:
         raise ValueError("prompts= is required for coco_t2i: a COCO captions JSON or a text file, one prompt per line")
     device = torch.device(device)
@@ -428,7 +339,7 @@ def build(cfg, device) -> Task:
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.
     gen_den = VPUNetDenoiser(copy.deepcopy(unet), ac, pred, fm).requires_grad_(True).train()
     fake = VPUNetDenoiser(copy.deepcopy(unet), ac, pred, fm).requires_grad_(True).train()
-    teacher_vp = freeze(VPUNetDenoiser(unet.to(_DTYPES[t["teacher_dtype"]]), ac, pred, fm))
+    teacher_vp = freeze(VPUNetDenoiser(unet.to(DTYPES[t["teacher_dtype"]]), ac, pred, fm))
     if t["xformers"]:
         try:
             for net in (gen_den, fake, teacher_vp):
@@ -444,7 +355,7 @@ def build(cfg, device) -> Task:
     generator = OneStepGenerator(gen_den, schedule.generator_sigma, (unet.config.in_channels, lat, lat))
 
     text_encoder.to(device).eval().requires_grad_(False)
-    vae.to(device, _DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
+    vae.to(device, DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
     uncond = encode_prompts(tokenizer, text_encoder, [""])
     max_len = tokenizer.model_max_length
     if not isinstance(t["text_mask"], bool):
@@ -534,7 +445,6 @@ def build(cfg, device) -> Task:
         return x.to(dev), cond_of(ids, dev)
 
     def evaluate(gen, run_dir, final=False, step=0):
-        from ..sampling import per_image_latents, save_grid
 
         k = len(eval_prompts)
         z = per_image_latents(range(k), generator.latent_shape, device)
@@ -556,44 +466,3 @@ def build(cfg, device) -> Task:
         "eval_prompts": eval_prompts}
     return Task(teacher=teacher, generator=generator, fake_score=fake, discriminator=disc, schedule=schedule,
                 sample_cond=sample_cond, sample_real=sample_real, evaluate=evaluate, sigma_data=0.5, info=info)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# pre-encoding the real images once (before a multi-process launch)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m fdistill.pipelines.coco_t2i encode-latents --teacher T --data IMAGES --out LATENTS.npy"""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m fdistill.pipelines.coco_t2i",
-                                description="Encode real images to SD latents once (float16 .npy memmap + a .json "
-                                            "of file names); then train with data=LATENTS.npy.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("encode-latents")
-    e.add_argument("--teacher", required=True)
-    e.add_argument("--data", required=True, help="image folder (recursive)")
-    e.add_argument("--out", required=True, help="output .npy (a .json with the file list is written beside it)")
-    e.add_argument("--resolution", type=int, default=0, help="0 = unet.sample_size x VAE factor (SD1.5: 512)")
-    e.add_argument("--max-images", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kw = load_kwargs(a.teacher)
-    vae = AutoencoderKL.from_pretrained(a.teacher, subfolder="vae", **kw).to(device).eval()
-    res = a.resolution or UNet2DConditionModel.load_config(
-        a.teacher, subfolder="unet", local_files_only=kw["local_files_only"])["sample_size"] * vae_factor(vae)
-    out = Path(a.out)
-    if out.suffix != ".npy":
-        raise SystemExit("--out must end in .npy")
-    arr, files = latent_cache(a.data, vae, res, out, out.parent, a.max_images, a.batch_size, str(a.teacher))
-    print(json.dumps({"out": str(out), "num": len(files), "shape": list(arr.shape), "resolution": res}))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-    sys.exit(main())
