@@ -405,3 +405,64 @@ def test_a_read_only_run_directory_is_named(tmp_path):
             ckpt.acquire_run_lock(out)
     finally:
         os.chmod(out, 0o755)
+
+
+# --- sample and export: model card, non-finite weights --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A 2-step run of the `image` pipeline around the tiny 16x16 teacher (the real trainer)."""
+    import numpy as np
+
+    from tiny_models import tiny_edm_teacher
+
+    root = tmp_path_factory.mktemp("image_run")
+    teacher = tiny_edm_teacher(root / "teacher")
+    rng = np.random.default_rng(0)
+    np.savez(root / "data.npz", x=rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8), y=np.arange(8) % 10)
+    out = root / "run"
+    rc = cli_main(["distill", str(ROOT / "configs/image.yaml"), f"teacher={teacher}", f"data={root / 'data.npz'}",
+                   f"out={out}", "steps=2", "batch_size=2", "schedule.critic_per_gen=1", "ema=[0.9]",
+                   "task.grid_samples=2", "task.loader_threads=0", "log.progress=false"])
+    assert rc == 0
+    return out
+
+
+def test_every_export_has_a_model_card(image_run, tmp_path):
+    import yaml
+
+    out = tmp_path / "export"
+    assert cli_main(["export", str(image_run), str(out)]) == 0
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "unconditional-image-generation"
+    assert "fdistill" in header["tags"]
+    cfg = json.loads((image_run / "config.json").read_text())
+    assert f"| divergence | {cfg['divergence']} |" in text and "| generator steps | 2 |" in text
+    assert "| weights | ema_0.9 |" in text and "OneStepPipeline.from_pretrained" in text
+    measured = json.loads((image_run / "metrics.json").read_text()) if (image_run / "metrics.json").is_file() else {}
+    for key, v in measured.items():
+        if isinstance(v, float):
+            assert f"| {key} | {v:.6g} |" in text
+
+
+def test_sample_and_export_refuse_non_finite_weights(image_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = Path(shutil.copytree(image_run, tmp_path / "nan_run"))
+    for f in run.glob("ckpt-*/ema_0.9.safetensors"):
+        sd = load_file(str(f))
+        sd = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in sd.items()}
+        save_file(sd, str(f))
+    assert cli_main(["sample", str(run), "--num", "2", "--outdir", str(tmp_path / "png"), "--quiet"]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not list((tmp_path / "png").glob("*.png")) if (tmp_path / "png").exists() else True
+    assert cli_main(["export", str(run), str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "ema_0.9.safetensors" in err
+    assert not (tmp_path / "exp").exists()
+    # the raw generator is finite: exporting it is allowed
+    assert cli_main(["export", str(run), str(tmp_path / "exp"), "--which", "generator"]) == 0
