@@ -239,6 +239,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # 'alpha:' or 'alpha: x' reads as a mapping in YAML; on a command line it is the text typed
     return key.strip().split("."), value
 
 

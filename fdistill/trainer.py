@@ -458,7 +458,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     evaluator = Evaluator(accelerator, task, generator, run_dir)  # under FSDP it keeps a plain copy: before wrapping
 
     state.update({"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world, "skipped_updates": 0})
-    last = ckpt.latest_verified_checkpoint(run_dir, world, warn=lambda m: accelerator.print(f"warning: {m}"))
+    last = ckpt.latest_verified_checkpoint(run_dir, world, warn=None if is_main else lambda m: None)  # stderr
     if last is not None:
         # Weights go into the plain modules before accelerate wraps (and under FSDP shards) them; the optimizer
         # states and random streams after, once the optimizers hold the prepared parameters.
