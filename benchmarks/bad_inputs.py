@@ -46,6 +46,10 @@ def summary(r: subprocess.CompletedProcess) -> tuple[str, bool]:
     err = r.stderr.strip().splitlines()
     tb = "Traceback (most recent call last)" in r.stderr
     msgs = [line for line in err if "error" in line.lower() or line.startswith(("warning", "fdistill"))]
+    if r.returncode == 0:  # what a successful command said about the input: its warnings, else its last line
+        warns = [line for line in err + r.stdout.splitlines() if line.startswith("warning")]
+        out = [line for line in r.stdout.strip().splitlines() if line.strip() not in ("{", "}")]
+        return ((warns[0] if warns else "ok: " + (out[-1] if out else "")).strip()[:220]), tb
     line = (msgs[-1] if msgs else (err[-1] if err else (r.stdout.strip().splitlines() or [""])[-1]))
     return line.strip()[:220], tb
 

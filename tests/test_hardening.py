@@ -466,3 +466,17 @@ def test_sample_and_export_refuse_non_finite_weights(image_run, tmp_path, capsys
     assert not (tmp_path / "exp").exists()
     # the raw generator is finite: exporting it is allowed
     assert cli_main(["export", str(run), str(tmp_path / "exp"), "--which", "generator"]) == 0
+
+
+def test_image_npz_errors_name_the_problem(tmp_path):
+    import numpy as np
+
+    from fdistill.metrics.fid import load_image_npz
+
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError) as e:
+        load_image_npz(tmp_path / "obj.npz")
+    assert "allow_pickle" not in str(e.value) and "obj.npz" in str(e.value)
+    np.savez(tmp_path / "m.npz", m=np.zeros(3))
+    with pytest.raises(ValueError, match=r"neither FID statistics \('mu', 'sigma'\) nor images"):
+        load_image_npz(tmp_path / "m.npz")
