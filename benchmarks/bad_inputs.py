@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     @case("sample: truncated sample chunk in --npz")
     def _():
         fd("sample", good_run, "--num", 4, "--npz", w / "s.npz", "--quiet")
-        f = w / "s.npz"
-        f.write_bytes(f.read_bytes()[:200])
+        parts = w / "s.npz.parts"  # the staging chunks of an interrupted run, one of them cut short
+        parts.mkdir(exist_ok=True)
+        (parts / "chunk-000000.npz").write_bytes((w / "s.npz").read_bytes()[:300])
         return fd("sample", good_run, "--num", 8, "--npz", w / "s.npz", "--quiet")
 
     @case("export: into a non-empty folder")
