@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 
-from .commands import call
+from .commands import DEBUG_ENV, EXIT_INTERRUPTED, call, debugging
 
 COMMANDS = {
     "distill": "distill a teacher into a one-step generator: fdistill distill CONFIG [key=value ...] [--dry-run]",
@@ -77,6 +78,9 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # tracebacks of known failures too, in every command
+        argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_help())
         return 0
@@ -86,7 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdistill: unknown command {cmd!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
               + "\n\n" + _help(), file=sys.stderr)
         return 2
-    rc, err = call(f"fdistill {cmd}", HANDLERS[cmd], rest)
+    try:
+        rc, err = call(f"fdistill {cmd}", HANDLERS[cmd], rest)
+        sys.stdout.flush()  # here, so that a closed pipe is seen below rather than at exit
+    except KeyboardInterrupt:  # outside training (which names its step)
+        if debugging():
+            raise
+        print(f"fdistill {cmd}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `fdistill ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return err or int(rc or 0)
 
 

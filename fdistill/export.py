@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel  # noqa: F401 (see below)
 
+from . import model_card
 from .checkpoint import CheckpointError
 from .export_sd import export_from_checkpoint
 from .onestep import EDMOneStepScheduler, OneStepPipeline
@@ -54,6 +55,11 @@ EDM_PIPELINES = ("mnist", "image", "imagenet64")
 SD_PIPELINES = ("coco_t2i",)
 EXPORT_META = "fdistill_export.json"
 EXPORT_FORMAT = "fdistill-one-step-edm-v1"
+ONE_STEP_USAGE = """from fdistill.onestep import OneStepPipeline
+
+pipe = OneStepPipeline.from_pretrained("FOLDER")
+images = pipe(class_labels=[0, 1, 2, 3], seeds=[0, 1, 2, 3]).images  # PIL images; one network evaluation
+# unconditional models: pipe(seeds=[0, 1, 2, 3]).images"""
 
 
 def generator_spec(cfg: dict, teacher: str | None = None, meta: dict | None = None) -> dict:
@@ -199,6 +205,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, which: str = "
                 "usage": "from fdistill.export import OneStepPipeline; "
                          "OneStepPipeline.from_pretrained(folder)(class_labels=..., seeds=...).images"}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
+        model_card.write(tmp, kind="one-step", config=cfg, meta=meta, usage=ONE_STEP_USAGE)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,9 +27,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from . import model_card
 from .hub import load_kwargs
 from .weights import backbone_state_dict, checkpoint_meta, resolve_checkpoint, weights_name
 
+SD_USAGE = """from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("FOLDER")
+image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]  # one UNet evaluation"""
 ONE_STEP_SCHEDULER = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
                       "thresholding": False}
 
@@ -60,7 +65,7 @@ def one_step_scheduler(teacher: str, local_files_only: bool = True):
 
 def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathLike, *, dtype: torch.dtype | None =
                        None, safety_checker: bool = False, variant: str = "", overwrite: bool = False,
-                       extra_meta: dict | None = None) -> Path:
+                       extra_meta: dict | None = None, config: dict | None = None) -> Path:
     """Write ``out_dir``: the teacher's text encoder, tokenizer and VAE (re-saved), the generator's UNet and the
     one-step DDIM scheduler. ``generator_unet``: a UNet2DConditionModel or a module holding one (our generator,
     its EMA). ``dtype``: save the UNet in this dtype (default: as it is, fp32 after training). The teacher's
@@ -97,6 +102,7 @@ def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathL
             "usage": "StableDiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, "
                      "guidance_scale=1.0)", **(extra_meta or {})}
     (tmp / "fdistill_export.json").write_text(json.dumps(meta, indent=1))
+    model_card.write(tmp, kind="sd", config=config or {}, meta=meta, usage=SD_USAGE)  # ``config``: the run's
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -137,4 +143,4 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
     return export_sd_pipeline(unet, teacher or cfg["teacher"], out_dir, extra_meta={
         "source": str(ckpt), "weights": meta["weights"], "gen_step": meta.get("gen_step"),
         "divergence": cfg.get("divergence"), "guidance_scale_teacher": (cfg.get("task") or {}).get("guidance_scale")},
-        **kw)
+        config=cfg, **kw)

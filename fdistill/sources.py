@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .checkpoint import check_finite
 from .export import EDM_PIPELINES, EXPORT_META, SD_PIPELINES, load_exported, pipeline_from_checkpoint
 from .export_sd import one_step_scheduler, unet_from_checkpoint
 from .hub import load_kwargs
@@ -66,7 +67,9 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
         info = {"source": str(p.resolve()), "class": cls, "weights": meta.get("weights"),
                 "gen_step": meta.get("gen_step")}
         if cls == "OneStepPipeline":
-            return _edm_source(load_exported(p), info, device, dtype)
+            pipe = load_exported(p)
+            check_finite(pipe.unet.state_dict(), f"{p / 'unet'}", "export it again from a finite checkpoint")
+            return _edm_source(pipe, info, device, dtype)
         if cls == "StableDiffusionPipeline":
             if steps is None:
                 steps = meta.get("num_inference_steps")
@@ -74,6 +77,7 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
                     raise ValueError(f"{p} is not a one-step fdistill export: pass --steps (and --guidance) for it")
             guidance = meta.get("guidance_scale", 1.0) if guidance is None else guidance
             pipe = StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
+            check_finite(pipe.unet.state_dict(), f"{p / 'unet'}", "export it again from a finite checkpoint")
             return _sd_source(pipe, info, steps, guidance, device, dtype)
         raise ValueError(f"{p} holds a {cls}; `fdistill sample` reads OneStepPipeline and StableDiffusionPipeline "
                          "folders, run directories and ckpt-<step> folders")

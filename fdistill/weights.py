@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, latest_checkpoint
+from .checkpoint import CheckpointError, check_finite, latest_checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 BACKBONE_PREFIX = "denoiser.backbone."  # OneStepGenerator -> Denoiser -> the UNet
@@ -80,15 +80,19 @@ def weights_name(ckpt: str | os.PathLike, which: str = "ema", cfg: dict | None =
 
 
 def load_weights(ckpt: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:
-    """``<ckpt>/<name>.safetensors`` as it was saved, with a clear error for a missing or corrupt file."""
+    """``<ckpt>/<name>.safetensors`` as it was saved, with a clear error for a missing or corrupt file or for
+    non-finite values."""
     path = Path(ckpt) / f"{name}.safetensors"
     if not path.is_file():
         have = sorted(x.stem for x in Path(ckpt).glob("*.safetensors") if not x.stem.startswith(("optim_", "rng_")))
         raise FileNotFoundError(f"{Path(ckpt)} has no {path.name}; it holds {have}")
     try:
-        return load_file(str(path))
+        sd = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt; use another checkpoint") from None
+    # weights a diverged run left would sample black images and export NaN: refused wherever weights are read
+    check_finite(sd, str(path), "use an earlier checkpoint (ckpt-<step> folder) or retrain with lower learning rates")
+    return sd
 
 
 def unwrap_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

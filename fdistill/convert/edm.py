@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..checkpoint import CheckpointError
 from ..denoisers import EDMPrecondUNet
 from .safe_pickle import UnsafePickleError, module_state, safe_load
 
@@ -559,10 +560,27 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
         precond = json.load(f)
     if precond.get("precond") != "edm":
         raise ValueError(f"{cfg_file}: unsupported preconditioning {precond.get('precond')!r}")
-    unet = UNet2DModel.from_pretrained(str(path), torch_dtype=dtype)
+    unet = load_unet_folder(path, dtype)
     if device is not None:
         unet = unet.to(device)
     return unet.eval(), precond
+
+
+def load_unet_folder(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """``UNet2DModel.from_pretrained(path)`` for a teacher folder, its failures (a truncated weights file, the
+    weights of another architecture, a missing file) as one CheckpointError naming the folder; diffusers' own
+    advice for mismatched sizes would load a different model with random weights, so it is not passed on."""
+    from diffusers import UNet2DModel
+
+    try:
+        return UNet2DModel.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as e:  # OSError, ValueError, RuntimeError, safetensors' SafetensorError ...
+        reason = " ".join(str(e).split())
+        reason = re.split(r"\s(?:Please|You can|If you|Set `ignore|ignore_mismatched)", reason)[0][:300]
+        raise CheckpointError(f"teacher {path} cannot be loaded as a UNet2DModel ({type(e).__name__}: {reason}). "
+                              "It must be the diffusers folder `fdistill convert-edm` writes (config.json and "
+                              "diffusion_pytorch_model.safetensors of one model); copy it again if a file is "
+                              "truncated") from None
 
 
 def edm_denoise(unet, precond: dict, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None):

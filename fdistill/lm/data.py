@@ -56,8 +56,13 @@ def load_prompts(spec: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {spec!r} not found (use 'toy', a .jsonl or a .txt file)")
     if path.suffix == ".jsonl":
-        return [r["prompt"] for r in read_jsonl(path)]
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [r["prompt"] for r in read_jsonl(path)]
+    else:
+        prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {spec!r} holds no prompts; write one per line (or a JSONL with a 'prompt' "
+                         "field), or pass prompts='' for unconditional generation")
+    return prompts
 
 
 def load_callable(spec: str) -> Callable:

@@ -16,11 +16,13 @@ Protocols (docs/evaluation.md):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -185,11 +187,21 @@ def folder_features(path: str | os.PathLike, num: int | None = None, batch_size:
     model = _resolve_model(weights, device)
     # clean-fid's reader recognises a zip by '.zip' in fdir and then reads the names inside it.
     is_zip = str(path).lower().endswith(".zip") and os.path.isfile(path)
-    return get_files_features(
-        files, model, num_workers=num_workers, batch_size=batch_size, device=torch.device(device), mode=mode,
-        fdir=str(path) if is_zip else None, verbose=progress, description=f"Inception features {path}: ",
-        custom_image_tranform=center_crop_resize(pre_resize) if pre_resize else None,
-    ).astype(np.float32, copy=False)
+    try:
+        feats = get_files_features(
+            files, model, num_workers=num_workers, batch_size=batch_size, device=torch.device(device), mode=mode,
+            fdir=str(path) if is_zip else None, verbose=progress, description=f"Inception features {path}: ",
+            custom_image_tranform=center_crop_resize(pre_resize) if pre_resize else None,
+        )
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise ValueError(f"{path} holds images of different sizes, which mode {mode} passes to Inception as they "
+                         "are: resize them to one size first, or pass --pre-resize S") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL's errors for a file that is no image
+        raise ValueError(f"{path}: an image file cannot be read ({type(e).__name__}: {e}); remove or replace it") \
+            from None
+    return feats.astype(np.float32, copy=False)
 
 
 def _check_count(available: int, num: int, source) -> None:
@@ -212,8 +224,25 @@ def stats_from_features(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
+def check_stats(mu, sigma, what: str = "statistics") -> None:
+    """Refuse statistics that no FID can come from: not a mean and its covariance, or non-finite values (the
+    images or features they were made from held NaN, e.g. a diverged generator's)."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{what}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{what} hold non-finite values (NaN or inf): the images they come from are not valid "
+                         "(a diverged generator?); recompute them from finite images")
+
+
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between two Gaussians (clean-fid's ``frechet_distance``)."""
+    """Frechet distance between two Gaussians (clean-fid's ``frechet_distance``); statistics that are not finite
+    or of different dimensions are refused."""
+    check_stats(mu1, sigma1, "the first statistics")
+    check_stats(mu2, sigma2, "the second statistics")
+    if np.shape(mu1) != np.shape(mu2):
+        raise ValueError(f"statistics of {np.shape(mu1)[0]} and {np.shape(mu2)[0]} features cannot be compared: "
+                         "both must come from the same feature extractor (Inception: 2048)")
     return float(frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
@@ -241,8 +270,34 @@ def save_stats(path: str | os.PathLike, mu, sigma, **meta) -> None:
     os.replace(tmp, path)
 
 
+def _unreadable_npz(path, e: Exception) -> ValueError:
+    """The error for an npz numpy cannot read (truncated, not an npz, or holding object arrays)."""
+    return ValueError(f"{path} is not a readable .npz file (truncated, corrupt or not an npz: "
+                      f"{type(e).__name__}); write it again")
+
+
+@contextlib.contextmanager
+def _open_npz(path):
+    """``np.load`` of an npz, never with pickles, its failures as one clear ValueError."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ValueError (object arrays) ...
+        raise _unreadable_npz(path, e) from None
+    with data:
+        try:
+            yield data
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:  # a member cut short
+            raise _unreadable_npz(path, e) from None
+        except ValueError as e:
+            if "pickle" in str(e):
+                raise _unreadable_npz(path, e) from None
+            raise
+
+
 def _npz_keys(path) -> list[str]:
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         return list(data.keys())
 
 
@@ -258,7 +313,7 @@ def load_stats(path: str | os.PathLike, with_meta: bool = False):
     """(mu, sigma) from an .npz with keys ``mu``/``sigma`` -- ours or EDM's published reference files
     (``imagenet-64x64.npz``, ``cifar10-32x32.npz``). ``with_meta=True`` also returns the metadata dict
     (empty for files without it)."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         keys = list(data.keys())
         if "mu" not in keys or "sigma" not in keys:
             hint = ""
@@ -270,8 +325,7 @@ def load_stats(path: str | os.PathLike, with_meta: bool = False):
         mu = np.asarray(data["mu"], dtype=np.float64)
         sigma = np.asarray(data["sigma"], dtype=np.float64)
         meta = json.loads(str(data["meta"])) if "meta" in keys else {}
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    check_stats(mu, sigma, f"the statistics in {path}")
     return (mu, sigma, meta) if with_meta else (mu, sigma)
 
 
@@ -304,7 +358,7 @@ def load_image_npz(path: str | os.PathLike) -> np.ndarray:
 
 def load_features_npz(path: str | os.PathLike) -> np.ndarray | None:
     """Stored Inception features (``feats``) of an npz, or None."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         return np.asarray(data["feats"], dtype=np.float32) if "feats" in data else None
 
 
@@ -457,7 +511,7 @@ def _npz_seeds(source, num: int) -> dict | None:
     """Summary of the ``seeds`` an npz of samples records (the papers use seeds 0..N-1), or None."""
     if not (isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")):
         return None
-    with np.load(source, allow_pickle=False) as data:
+    with _open_npz(source) as data:
         if "seeds" not in data:
             return None
         seeds = np.asarray(data["seeds"]).reshape(-1)[:num]

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import numpy as np
 
+from ..convert.edm import load_unet_folder
 from ..denoisers import EDMPrecondUNet, freeze
 from ..paths import MNIST_TEACHER_DIR as TEACHER_DIR
 from ..sampler import edm_nfe, edm_sample
@@ -53,13 +54,11 @@ def load_mnist(resolution: int = RESOLUTION) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_teacher(path: str | Path | None = None, dtype=torch.float32) -> tuple[EDMPrecondUNet, dict]:
-    from diffusers import UNet2DModel
-
     path = Path(path) if path else TEACHER_DIR
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no teacher at {path}: expected a diffusers UNet2DModel folder (config.json + "
                                 "diffusion_pytorch_model.safetensors). Train one with `python train/teacher.py`.")
-    unet = UNet2DModel.from_pretrained(path, torch_dtype=dtype)
+    unet = load_unet_folder(path, dtype)
     meta_path = path / "fdistill_config.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return EDMPrecondUNet(unet, sigma_data=meta.get("sigma_data", 0.5)), meta
