@@ -54,6 +54,13 @@ class ObjectiveConfig:
     """EDM's sigma_data in the fake score's loss weighting 1/sigma^2 + 1/sigma_data^2."""
     denoise_loss: str = "edm"
     """'edm': x0 MSE with EDM weighting. 'eps': epsilon MSE (what SD's teacher was trained with)."""
+    log_bins: bool = True
+    """Log the discriminator's accuracy and mean logits, and the weights' ESS, per noise-level bin (the ratio
+    normaliser's bins): ``disc_acc_binK``, ``logit_real_binK``, ``logit_fake_binK``, ``h_ess_binK``."""
+
+
+# Prefixes of the per-bin (sum, count) log entries that the trainer turns into one mean per bin.
+PER_BIN_NUM, PER_BIN_DEN = "_num:", "_den:"
 
 
 def _cat_cond(a: Any, b: Any) -> Any:
@@ -137,6 +144,8 @@ class FDistill(nn.Module):
         loss = loss_dm + cfg.gan_weight * loss_gan
         logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
                 "logit_gen": logit.detach().mean(), **stats}
+        if cfg.log_bins:
+            logs.update(binned_ess(h, self.ratio.bin_index(sigma.reshape(-1)), self.ratio.cfg.num_bins))
         if oracle is not None:
             logs.update(calibration(logit.detach(), oracle))
         return loss, logs
@@ -189,6 +198,14 @@ class FDistill(nn.Module):
         logs = {"loss_denoise": loss_dn.detach(), "loss_disc": loss_d.detach(),
                 "logit_real": logit_r.detach().mean(), "logit_fake": logit_f.detach().mean(),
                 "disc_acc": 0.5 * ((logit_r > 0).float().mean() + (logit_f < 0).float().mean()).detach()}
+        if cfg.log_bins:
+            # accuracy per noise-level bin (the ratio normaliser's bins), real and generated pooled
+            nb = self.ratio.cfg.num_bins
+            idx = self.ratio.bin_index(disc_sigma.reshape(-1))
+            correct = torch.cat([(logit_f < 0), (logit_r > 0)]).float().detach()
+            logs.update(binned_stats("disc_acc", correct, idx, nb))
+            logs.update(binned_stats("logit_real", logit_r.detach(), idx[n:], nb))
+            logs.update(binned_stats("logit_fake", logit_f.detach(), idx[:n], nb))
         if cfg.r1_gamma > 0:
             (grad,) = torch.autograd.grad(logit_r.sum(), x_t_r, create_graph=True)
             r1 = grad.pow(2).reshape(m, -1).sum(1).mean()
@@ -196,6 +213,36 @@ class FDistill(nn.Module):
             logs["r1"] = r1.detach()
         logs["loss_critic"] = loss.detach()
         return loss, logs
+
+
+def binned_stats(name: str, values: torch.Tensor, idx: torch.Tensor, num_bins: int) -> dict:
+    """Per-noise-level-bin means of ``values`` as ``PER_BIN_NUM + name_binK`` / ``PER_BIN_DEN + name_binK`` pairs
+    (sum and count in the bin). The trainer averages both over its logging interval and processes and writes
+    their quotient as ``name_binK``: the pooled mean over every sample that fell in bin K (absent if none did)."""
+    values, idx = values.reshape(-1).float(), idx.reshape(-1)
+    sums = torch.zeros(num_bins, device=values.device).index_add_(0, idx, values)
+    counts = torch.zeros(num_bins, device=values.device).index_add_(0, idx, torch.ones_like(values))
+    out = {}
+    for b in range(num_bins):
+        out[f"{PER_BIN_NUM}{name}_bin{b}"] = sums[b]
+        out[f"{PER_BIN_DEN}{name}_bin{b}"] = counts[b]
+    return out
+
+
+def binned_ess(h: torch.Tensor, idx: torch.Tensor, num_bins: int) -> dict:
+    """Per-bin effective sample size of the weights, (sum h)^2 / (n sum h^2) within each bin, as
+    ``binned_stats`` pairs (one value per bin that the batch visits; the trainer averages it over batches)."""
+    h, idx = h.reshape(-1).float(), idx.reshape(-1)
+    s1 = torch.zeros(num_bins, device=h.device).index_add_(0, idx, h)
+    s2 = torch.zeros(num_bins, device=h.device).index_add_(0, idx, h * h)
+    n = torch.zeros(num_bins, device=h.device).index_add_(0, idx, torch.ones_like(h))
+    present = (n > 0).float()
+    ess = torch.where(n > 0, s1 ** 2 / (n * s2).clamp(min=1e-12), torch.zeros_like(s1))
+    out = {}
+    for b in range(num_bins):
+        out[f"{PER_BIN_NUM}h_ess_bin{b}"] = ess[b]
+        out[f"{PER_BIN_DEN}h_ess_bin{b}"] = present[b]
+    return out
 
 
 def calibration(logit: torch.Tensor, oracle: torch.Tensor) -> dict:
