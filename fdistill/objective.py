@@ -144,6 +144,11 @@ class FDistill(nn.Module):
         loss = loss_dm + cfg.gan_weight * loss_gan
         logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
                 "logit_gen": logit.detach().mean(), **stats}
+        # share of samples whose r sits at a clamp: a confident discriminator puts every generated sample at
+        # r_min, where the weights are uniform again
+        rc = self.ratio.cfg
+        r_raw = torch.exp(log_r.reshape(-1).float().clamp(-rc.logit_clamp, rc.logit_clamp))
+        logs["r_clamped"] = ((r_raw <= rc.r_min) | (r_raw >= rc.r_max)).float().mean()
         if cfg.log_bins:
             logs.update(binned_ess(h, self.ratio.bin_index(sigma.reshape(-1)), self.ratio.cfg.num_bins))
         if oracle is not None:
