@@ -34,6 +34,9 @@ class OptimConfig:
     """Generator learning rate (AdamW; paper: 1e-4 CIFAR-10, 2e-6 ImageNet-64, 1e-5 SD1.5)."""
     lr_critic: float | None = None
     """Fake score + discriminator learning rate; None = lr_gen (as in the paper)."""
+    lr_disc: float | None = None
+    """Discriminator head learning rate; None = lr_critic. A head trained from scratch for a few hundred steps
+    (the CPU demo) needs a larger one than the fake score, which starts at the teacher."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     grad_clip: float = 10.0
@@ -102,6 +105,11 @@ class LogConfig:
     """Experiment trackers through accelerate (``[tensorboard]``, ``[wandb]``, ``[trackio]`` ...): the scalars of
     metrics.jsonl, the sample grids and the final metrics; a resumed run continues the same tracker run. None by
     default (nothing to install)."""
+    chance_warn_rows: int = 5
+    """Warn (log line and progress bar) when the discriminator's accuracy has stayed within ``chance_margin`` of
+    0.5 for this many consecutive logged rows: its ratio is then ~1, the f-weights ~1 and the GAN term carries
+    nothing, i.e. the run is DMD2 with noise-level weights. 0 disables."""
+    chance_margin: float = 0.05
 
 
 @dataclass
