@@ -399,6 +399,10 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, which: str = "
         from .export_sd import export_from_checkpoint
 
         return export_from_checkpoint(ckpt, out, teacher, which, overwrite=out.exists())
+    if pipeline in ("sdxl", "sd3", "flux"):  # the family's own diffusers pipeline class, one step
+        from .pipelines.diffusers_t2i import export_from_checkpoint as export_family
+
+        return export_family(ckpt, out, teacher, which, overwrite=out.exists())
     if pipeline not in EDM_PIPELINES:
         raise ValueError(f"{ckpt} is a {pipeline!r} run; export supports the image pipelines "
                          f"({', '.join(EDM_PIPELINES + SD_PIPELINES)})")

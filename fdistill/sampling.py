@@ -180,6 +180,9 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
                 "gen_step": meta.get("gen_step")}
         if cls == "OneStepPipeline":
             return _edm_source(ex.load_exported(p), info, device, dtype)
+        from .pipelines import diffusers_t2i as t2i
+        if cls in t2i.PIPELINE_CLASSES and meta.get("format") == t2i.EXPORT_FORMAT:  # SDXL / SD3 / Flux exports
+            return t2i.sample_source(p, device=device, dtype=dtype)
         if cls == "StableDiffusionPipeline":
             from diffusers import StableDiffusionPipeline
 
@@ -198,6 +201,9 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
     if pipeline in ex.EDM_PIPELINES:
         pipe = ex.pipeline_from_checkpoint(ckpt, which, teacher)
         return _edm_source(pipe, dict(pipe.fdistill_source, source=str(ckpt.resolve())), device, dtype)
+    if pipeline in ("sdxl", "sd3", "flux"):
+        from .pipelines.diffusers_t2i import sample_source
+        return sample_source(ckpt, which, teacher, device, dtype)
     if pipeline in ex.SD_PIPELINES:
         from diffusers import StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer

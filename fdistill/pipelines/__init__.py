@@ -47,8 +47,11 @@ def build_task(cfg, device) -> Task:
         from .image import build
     elif name == "coco_t2i":
         from .coco_t2i import build
+    elif name in ("sdxl", "sd3", "flux"):
+        from .diffusers_t2i import build
     else:
-        raise ValueError(f"unknown pipeline {name!r}; choose one of toy2d, mnist, image, imagenet64, coco_t2i")
+        raise ValueError(f"unknown pipeline {name!r}; "
+                         "choose one of toy2d, mnist, image, imagenet64, coco_t2i, sdxl, sd3, flux")
     return build(cfg, device)
 
 
