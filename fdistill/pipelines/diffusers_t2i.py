@@ -298,6 +298,9 @@ def build(cfg, device) -> Task:
     table = None
     if mode == "memory":
         table = {k: v.cpu().half() for k, v in _encode(texts).items()}
+        for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)):
+            if m is not None:  # not needed again: T5-XXL alone is 9.5 GB in bf16
+                m.cpu()
 
     def embed(ids: torch.Tensor, dev) -> dict:
         if table is not None:
