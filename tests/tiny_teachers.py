@@ -74,7 +74,8 @@ def tiny_sd3(path, seed: int = 0, num_layers: int = 2, shift: float = 3.0) -> Pa
     torch.manual_seed(seed)
     tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=num_layers,
                                attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                               caption_projection_dim=32, pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16)
+                               caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+                               pos_embed_max_size=16)
     tok, tok3 = clip_tokenizer(), t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
         transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),

@@ -34,13 +34,13 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..denoisers import freeze
-from ..denoisers_flow import FlowMatchDenoiser, flow_grid, default_feature_modules
+from ..denoisers_flow import FlowMatchDenoiser, flow_grid
 from ..denoisers_vp import CFGDenoiser, VPUNetDenoiser
 from ..discriminator import Discriminator
 from ..generator import OneStepGenerator
@@ -506,4 +506,4 @@ def sample_source(source, which: str = "ema", teacher: str | None = None, device
 
 
 __all__ = ["FAMILIES", "build", "encode_texts", "export_from_checkpoint", "sample_source", "load_pipeline",
-           "decode", "default_feature_modules"]
+           "decode"]
