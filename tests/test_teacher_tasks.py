@@ -193,3 +193,14 @@ def test_lora_export_merged_and_lora_weights_load_into_the_teacher_pipeline(teac
         lo = base("a cat", latents=z, **kw).images
     assert (m - t).abs().max() > 1e-5  # training moved the generator's adapters
     torch.testing.assert_close(lo, m, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra,message", [(("noise.grid=vp",), "noise.grid: flow"),
+                                           (("task.lora_rank=4", "ema=[0.999]"), "set ema: \\[\\]"),
+                                           (("task.lora_rank=4", "task.lora_targets=[nothing_here]"), "match no module")])
+def test_wrong_settings_are_refused_with_the_fix(extra, message, teachers, data_dir, tmp_path):
+    from fdistill.pipelines import build_task
+
+    with pytest.raises(ValueError, match=message):
+        build_task(_cfg("sd3", teachers["sd3"], data_dir, tmp_path / "run", *extra), "cpu")
+    assert not (tmp_path / "run").exists()  # nothing written before the checks

@@ -201,6 +201,10 @@ def build(cfg, device) -> Task:
         raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(_DTYPES)}")
     if not cfg.prompts:
         raise ValueError(f"prompts= is required for {family}: a COCO captions JSON or a text file, one prompt per line")
+    if t["lora_rank"] < 0:
+        raise ValueError(f"task.lora_rank must be >= 0 (0 = full fine-tuning), got {t['lora_rank']}")
+    if t["lora_rank"] and cfg.ema:
+        raise ValueError("LoRA students keep no EMA (an EMA would copy the shared base): set ema: []")
     if t["text_cache"] not in ("auto", "memory", "online"):
         raise ValueError(f"task.text_cache must be auto, memory or online, got {t['text_cache']!r}")
     device = torch.device(device)
@@ -234,8 +238,6 @@ def build(cfg, device) -> Task:
     lora = LoraSpec(t["lora_rank"], t["lora_alpha"], list(t["lora_targets"]) or default_lora_targets(family))
     mk = lambda n: make_denoiser(n, family, ac, fm, guidance)  # noqa: E731
     if lora.rank:
-        if cfg.ema:
-            raise ValueError("LoRA students keep no EMA (an EMA would copy the shared base): set ema: []")
         net.to(tdtype)
         if cfg.gradient_checkpointing:  # the trainer sees the adapters only; the base is the teacher's
             net.enable_gradient_checkpointing()
