@@ -170,27 +170,32 @@ def test_lora_trainable_parameters_are_the_adapters_only(sd3_lora_task):
     assert all(not p.requires_grad for n, p in task.teacher.named_parameters() if "lora_" not in n)
 
 
-def test_lora_export_merged_and_lora_weights_load_into_the_teacher_pipeline(teachers, data_dir, tmp_path):
-    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_lora_export_merged_and_lora_weights_load_into_the_teacher_pipeline(family, teachers, data_dir, tmp_path):
+    from diffusers import DiffusionPipeline
 
     from fdistill.cli import main as cli_main
+    from fdistill.denoisers_flow import pack_latents
 
     run = tmp_path / "run"
-    assert cli_main(["distill", *_args("sd3", teachers["sd3"], data_dir, run, "task.lora_rank=4",
+    assert cli_main(["distill", *_args(family, teachers[family], data_dir, run, "task.lora_rank=4",
                                        "task.lora_alpha=8.0", "steps=1", "optim.lr_gen=1e-2")]) == 0
     out = tmp_path / "export"
     assert cli_main(["export", str(run), str(out)]) == 0
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    meta = json.loads((out / "fdistill_export.json").read_text())
+    assert meta["lora"] and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     merged = DiffusionPipeline.from_pretrained(out, local_files_only=True)
-    base = StableDiffusion3Pipeline.from_pretrained(teachers["sd3"], local_files_only=True)
+    base = DiffusionPipeline.from_pretrained(teachers[family], local_files_only=True)
+    base.scheduler = merged.scheduler  # SDXL's export swaps in the one-step DDIM
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    kw = dict(num_inference_steps=1, guidance_scale=1.0, height=32, width=32, output_type="latent",
-              max_sequence_length=16)
+    kw = dict(num_inference_steps=1, guidance_scale=meta["guidance_scale"], height=32, width=32,
+              output_type="latent", latents=pack_latents(z) if family == "flux" else z,
+              **({} if family == "sdxl" else {"max_sequence_length": 16}))
     with torch.no_grad():
-        m = merged("a cat", latents=z, **kw).images
-        t = base("a cat", latents=z, **kw).images
+        m = merged("a cat", **kw).images
+        t = base("a cat", **kw).images
         base.load_lora_weights(out / "lora")
-        lo = base("a cat", latents=z, **kw).images
+        lo = base("a cat", **kw).images
     assert (m - t).abs().max() > 1e-5  # training moved the generator's adapters
     torch.testing.assert_close(lo, m, rtol=1e-4, atol=1e-4)
 
