@@ -125,6 +125,19 @@ def test_flux_dev_euler_in_sigma_space_equals_pipeline(flux_pipe):
     assert (a - b).abs().max() > 1e-6
 
 
+def test_flux_schnell_without_guidance_embedding_equals_pipeline(tmp_path):
+    pipe = FluxPipeline.from_pretrained(tiny_teachers.tiny_flux(tmp_path / "schnell", seed=1, guidance_embeds=False))
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPTS[:1], latents=pack_latents(z), num_inference_steps=2, guidance_scale=0.0,
+                   height=32, width=32, output_type="latent").images
+        times = pipe.scheduler.sigmas.clone()
+        pe, pp, _ = pipe.encode_prompt(prompt=PROMPTS[:1], prompt_2=None)
+    x = euler_sample(FlowMatchDenoiser(pipe.transformer), z, times, {"encoder_hidden_states": pe,
+                                                                    "pooled_projections": pp})
+    torch.testing.assert_close(x, unpack_latents(ref, 16, 16), rtol=1e-4, atol=1e-4)
+
+
 def test_sdxl_euler_in_sigma_space_equals_pipeline(sdxl_pipe):
     pipe = sdxl_pipe
     guidance = 5.0

@@ -174,8 +174,7 @@ def default_lora_targets(family: str) -> list[str]:
     """The attention projections, as diffusers' DreamBooth-LoRA training examples target them."""
     if family == "sdxl":
         return ["to_q", "to_k", "to_v", "to_out.0"]
-    if family == "sd3":
-        return ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    # SD3 / Flux joint attention: the image stream's projections and the text stream's
     return ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
