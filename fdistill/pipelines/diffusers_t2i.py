@@ -254,11 +254,11 @@ def build(cfg, device) -> Task:
     msl = t["max_sequence_length"]
     extra = {"time_ids": sdxl_time_ids(res)} if family == "sdxl" else {}
     uncond = {**encode_uncond(pipe, family, msl), **extra}
-    if family == "flux":
-        teacher = freeze(teacher_inner) if not lora.rank else teacher_inner
-    else:
-        teacher = CFGDenoiser(teacher_inner, guidance, {k: v.to(device) for k, v in uncond.items()})
-        freeze(teacher) if not lora.rank else teacher.eval()
+    # FLUX.1 is guidance-distilled (its embedding, set above); the others get CFG in x0 space
+    teacher = teacher_inner if family == "flux" else CFGDenoiser(teacher_inner, guidance,
+                                                                 {k: v.to(device) for k, v in uncond.items()})
+    # with LoRA the teacher's base holds the students' adapters too: freeze the base only (done by lora.inject)
+    teacher = teacher.eval() if lora.rank else freeze(teacher)
 
     # the discriminator head from the teacher's feature shapes
     with torch.no_grad():
