@@ -67,9 +67,8 @@ def main(argv=None):
     mk = lambda n: FlowMatchDenoiser(n)  # noqa: E731
     added = 0.0
     if a.mode == "lora":
-        if a.checkpointing:
-            net.enable_gradient_checkpointing()
-        gen_den, fake, teacher = lora_networks(net, LoraSpec(a.rank, a.rank, default_lora_targets("sd3")), mk)
+        gen_den, fake, teacher = lora_networks(net, LoraSpec(a.rank, a.rank, default_lora_targets("sd3")), mk,
+                                               gradient_checkpointing=a.checkpointing)
         trainable = sum(q.numel() for q in gen_den.parameters())
     else:
         import copy

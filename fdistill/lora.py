@@ -88,6 +88,35 @@ def adapter_active(layers: dict, name: str | None):
             m._active_adapter, m._disable_adapters = a, d
 
 
+def enable_gradient_checkpointing(net: nn.Module, layers: dict) -> None:
+    """Gradient checkpointing of a diffusers network whose adapters are switched per pass.
+
+    A checkpointed block recomputes its forward during backward, after ``adapter_active`` has restored the
+    layers' state: it would recompute with another adapter (or none) than the pass it belongs to, and silently
+    give wrong gradients where the shapes agree (the generator's and the fake score's adapters). So each
+    checkpoint records the adapter state at its forward and recomputes under it (``context_fn``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpoint_fn(module, *args):
+        state = [(m._active_adapter, m._disable_adapters) for m in layers.values()]
+
+        @contextlib.contextmanager
+        def recompute_under_forward_state():
+            old = [(m._active_adapter, m._disable_adapters) for m in layers.values()]
+            for m, (a, d) in zip(layers.values(), state):
+                m._active_adapter, m._disable_adapters = a, d
+            try:
+                yield
+            finally:
+                for m, (a, d) in zip(layers.values(), old):
+                    m._active_adapter, m._disable_adapters = a, d
+
+        return checkpoint(module.__call__, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), recompute_under_forward_state()))
+
+    net.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_fn)
+
+
 def _key(path: str) -> str:
     return path.replace(".", "__")
 
@@ -129,9 +158,12 @@ class AdapterView(Denoiser):
                         "is not supported: set ema: [] with LoRA)")
 
 
-def lora_networks(net: nn.Module, spec: LoraSpec, make_denoiser: Callable[[nn.Module], Denoiser]):
+def lora_networks(net: nn.Module, spec: LoraSpec, make_denoiser: Callable[[nn.Module], Denoiser],
+                  gradient_checkpointing: bool = False):
     """(generator denoiser, fake-score denoiser, teacher denoiser): adapter views of one base ``net``."""
     layers = inject(net, spec)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(net, layers)
     inner = make_denoiser(net)
     return (AdapterView(inner, layers, "generator").train(), AdapterView(inner, layers, "fake").train(),
             AdapterView(inner, layers, None).eval())
@@ -180,5 +212,5 @@ def save_lora_weights(adapters: dict, prefix: str, scale: float, out_dir) -> Pat
     return out
 
 
-__all__ = ["LoraSpec", "inject", "adapter_active", "AdapterView", "lora_networks", "adapter_state", "merge",
-           "lora_weights_for_pipeline", "save_lora_weights"]
+__all__ = ["LoraSpec", "inject", "adapter_active", "AdapterView", "lora_networks", "enable_gradient_checkpointing",
+           "adapter_state", "merge", "lora_weights_for_pipeline", "save_lora_weights"]

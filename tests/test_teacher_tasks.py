@@ -209,3 +209,36 @@ def test_wrong_settings_are_refused_with_the_fix(extra, message, teachers, data_
     with pytest.raises(ValueError, match=message):
         build_task(_cfg("sd3", teachers["sd3"], data_dir, tmp_path / "run", *extra), "cpu")
     assert not (tmp_path / "run").exists()  # nothing written before the checks
+
+
+def test_lora_gradient_checkpointing_recomputes_with_the_passes_own_adapter(teachers):
+    """A checkpointed block recomputes during backward, after the pass's adapter was switched away: the gradients
+    must still be those of the pass's own adapter (the same as without checkpointing)."""
+    from diffusers import SD3Transformer2DModel
+
+    from fdistill.denoisers_flow import FlowMatchDenoiser
+    from fdistill.lora import LoraSpec, lora_networks
+
+    def run(checkpointing):
+        net = SD3Transformer2DModel.from_pretrained(teachers["sd3"], subfolder="transformer")
+        gen, fake, teacher = lora_networks(net, LoraSpec(4, 4, ["to_q", "to_k", "to_v", "to_out.0"]),
+                                           FlowMatchDenoiser, gradient_checkpointing=checkpointing)
+        net.train()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # both adapters non-zero and different
+            for p in list(gen.parameters()) + list(fake.parameters()):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        x = torch.randn(2, 4, 16, 16, generator=g)
+        cond = {"encoder_hidden_states": torch.randn(2, 7, 64, generator=g),
+                "pooled_projections": torch.randn(2, 64, generator=g)}
+        out_g = gen(x, 3.0, cond)  # the generator's pass, with its graph
+        out_f = fake(x, 1.0, cond)  # the fake score's pass, with its graph
+        with torch.no_grad():
+            teacher(x, 2.0, cond)  # a pass with the adapters disabled in between
+        (out_g.square().mean() + out_f.abs().mean()).backward()
+        return [p.grad.clone() for p in list(gen.parameters()) + list(fake.parameters())]
+
+    plain, ckpt = run(False), run(True)
+    assert all(p.abs().sum() > 0 for p in plain)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -238,9 +238,8 @@ def build(cfg, device) -> Task:
     mk = lambda n: make_denoiser(n, family, ac, fm, guidance)  # noqa: E731
     if lora.rank:
         net.to(tdtype)
-        if cfg.gradient_checkpointing:  # the trainer sees the adapters only; the base is the teacher's
-            net.enable_gradient_checkpointing()
-        gen_den, fake, teacher_inner = lora_networks(net, lora, mk)
+        # the trainer sees the adapters only, so the base's checkpointing is set here (adapter-aware recompute)
+        gen_den, fake, teacher_inner = lora_networks(net, lora, mk, cfg.gradient_checkpointing)
     else:
         gen_den = mk(copy.deepcopy(net).float()).requires_grad_(True).train()
         fake = mk(copy.deepcopy(net).float()).requires_grad_(True).train()
