@@ -405,7 +405,8 @@ class Runner:
         ema = cfg.ema if a.ema else []
         self.emas = [AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
                      for d in ema]
-        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
+        bins = task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing)
+        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, bins).to(device)
                        for name in divergences}
         self._fdistill, self._get_divergence = FDistill, get_divergence
         self._make_objectives(self.generator, self.fake)
@@ -690,14 +691,15 @@ def split_cfg(teacher):
     them into one), to measure what the batching buys."""
     orig = teacher.forward
 
-    def forward(x_t, sigma, cond=None, mode="x0"):
+    def forward(x_t, sigma, cond=None, mode="x0", x0_grad=True):
         w = teacher.guidance_scale
         if mode == "features" or w == 1.0:
-            return orig(x_t, sigma, cond, mode)
+            return orig(x_t, sigma, cond, mode, x0_grad)
         teacher.calls[mode] += 1
         c = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
-        out = teacher.inner(x_t, sigma, c, mode=mode)
-        x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
+        out = teacher.inner(x_t, sigma, c, mode=mode, x0_grad=x0_grad)
+        with torch.set_grad_enabled(x0_grad and torch.is_grad_enabled()):
+            x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
         x0_c, feats = (out, None) if mode == "x0" else out
         guided = x0_c + (w - 1.0) * (x0_c - x0_u)
         return guided if mode == "x0" else (guided, feats)

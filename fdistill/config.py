@@ -17,6 +17,7 @@ import yaml
 
 from .objective import ObjectiveConfig
 from .ratio import RatioConfig
+from .recipes import apply_recipe
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,9 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     grad_clip: float = 10.0
-    """Gradient-norm clipping of each network (DMD2: 10). 0 disables."""
+    """Gradient-norm clipping (DMD2, FastGen: 10). 0 disables."""
+    clip_critic: bool = True
+    """Clip the fake score's and the discriminator's gradients too (DMD2), not only the generator's (FastGen)."""
     fused: bool = False
     """torch's fused AdamW kernel (GPU)."""
     grad_accum: int = 1
@@ -51,6 +54,10 @@ class ScheduleConfig:
     scheme: str = "dmd2"
     """'dmd2': update the critic every iteration and the generator every k-th as well;
     'fastgen': k-1 critic-only iterations, then one generator-only iteration."""
+    ema_every: str = "generator"
+    """When the generator EMAs advance: 'generator' (after each generator update) or 'iteration' (after every
+    iteration, critic-only ones too, as FastGen's EMA callback: 0.9999 per iteration is ~0.9995 per generator
+    update at 4 critic iterations per generator one)."""
     critic_warmup: int = 0
     """Critic-only iterations before the first generator update (a fake score trained from scratch, as in the
     2-D toy, otherwise feeds the generator noise at first; image teachers start the fake score at the teacher)."""
@@ -65,7 +72,8 @@ class NoiseConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     dm_index_min: int = 20
-    """Distribution-matching noise-level index range (DMD2: [20, 980]; FastGen: [2, 998])."""
+    """Distribution-matching noise-level index range, both ends included (DMD2: [20, 980]; FastGen: [2, 998] on
+    EDM's grid, [1, 998] on SD's, the integer part of 1000 t for t ~ U[0.001, 0.999])."""
     dm_index_max: int = 980
     generator_sigma: float | None = None
     """Where the generator starts; None = the grid's largest sigma."""
@@ -87,13 +95,17 @@ class LogConfig:
 
 @dataclass
 class DistillConfig:
+    recipe: str = "dmd2"
+    """'fastgen' (the authors' code, NVlabs/FastGen) or 'dmd2' (DMD2's): fills every recipe row the config leaves
+    out (fdistill/recipes.py; docs/recipes.md). Explicit keys win."""
     pipeline: str = "toy2d"
     """Which task assembles teacher, data and conditioning: toy2d, mnist, imagenet64, coco_t2i, image."""
     out: str = "runs/default"
     """Run directory (resumed when it holds a checkpoint)."""
     divergence: str = "js"
     """f-divergence by registry name: reverse_kl, forward_kl, js, jeffreys, squared_hellinger, softened_rkl,
-    pearson, neyman, alpha:<a>."""
+    pearson, neyman, alpha:<a>; also NVlabs/FastGen's keys with FastGen's meanings: rkl, kl (= forward KL), js, sf,
+    neyman, sh, jf."""
     seed: int = 0
     steps: int = 1000
     """Generator updates."""
@@ -109,6 +121,11 @@ class DistillConfig:
     """Where the weights' r comes from: 'learned' (discriminator) or 'oracle' (toy2d only: exact)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on GPU, none on CPU), 'no', 'bf16'. fp16 diverges (paper) and is refused."""
+    allow_tf32: bool = False
+    """TF32 matmuls and convolutions on GPU (FastGen's ImageNet-64 runs fp32 with TF32)."""
+    gen_cond: str = "random"
+    """Conditioning of the generated batches: 'random' (labels / prompts drawn on their own, DMD2) or 'real' (the
+    labels / captions of a real batch drawn for the same iteration, FastGen)."""
     gradient_checkpointing: bool = False
     compile: bool = False
     """torch.compile the trainable networks."""
@@ -238,6 +255,8 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] = (), cls=DistillConfig):
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
+    if cls is DistillConfig:
+        data = apply_recipe(data)
     return from_dict(cls, data)
 
 

@@ -2,7 +2,7 @@
 
 The package speaks EDM's variance-exploding form x_t = x0 + sigma * eps. A VP model such as Stable Diffusion's
 ``UNet2DConditionModel`` was trained on x_VP = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at DDPM timesteps t. The two
-are the same process up to a scale (Karras et al. 2022, "Elucidating the Design Space", Table 1):
+are the same process up to a scale (docs/method.md, "Setting"):
 
     sigma_t = sqrt((1 - abar_t) / abar_t),    x_VP = x_t / sqrt(1 + sigma^2),    sqrt(abar_t) = 1 / sqrt(1 + sigma^2)
 
@@ -145,8 +145,8 @@ def _cat(a: Any, b: Any) -> Any:
 
 
 class CFGDenoiser(Denoiser):
-    """Classifier-free guidance (Ho & Salimans 2022) in x0 space around a conditional denoiser; x0 is affine in the
-    predicted noise at fixed x_t, so this equals guidance on eps (or v):
+    """Classifier-free guidance in x0 space around a conditional denoiser (the guided teacher of DMD2 and f-distill);
+    x0 is affine in the predicted noise at fixed x_t, so this equals guidance on eps (or v):
 
         x0 = x0_c + (w - 1) (x0_c - x0_u)
 

@@ -52,6 +52,14 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return mp
 
 
+def _check_recipe_keys(cfg: DistillConfig) -> None:
+    """The recipe rows' values the trainer reads itself (the others are checked where they are used)."""
+    if cfg.schedule.ema_every not in ("generator", "iteration"):
+        raise ValueError(f"schedule.ema_every must be 'generator' or 'iteration', got {cfg.schedule.ema_every!r}")
+    if cfg.gen_cond not in ("random", "real"):
+        raise ValueError(f"gen_cond must be 'random' or 'real', got {cfg.gen_cond!r}")
+
+
 def _with_defaults(saved: dict, defaults: dict) -> dict:
     """A saved config with the fields added since it was written at their defaults (which leave the run as it
     was), so that a new field does not make every older run directory unresumable."""
@@ -344,6 +352,10 @@ def distill(cfg: DistillConfig) -> dict:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     _check_resume_config(run_dir, cfg)  # read-only: a mismatched run directory is refused before anything runs
+    _check_recipe_keys(cfg)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     # Same initial weights on every process (DDP also broadcasts them); then per-process noise streams.
     torch.manual_seed(cfg.seed)
@@ -355,7 +367,7 @@ def distill(cfg: DistillConfig) -> dict:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     accelerator.wait_for_everyone()
     divergence = get_divergence(cfg.divergence)
-    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
+    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing)).to(device)
     if cfg.ratio not in ("learned", "oracle"):
         raise ValueError(f"ratio must be 'learned' or 'oracle', got {cfg.ratio!r}")
     if cfg.ratio == "oracle" and task.oracle_log_ratio is None:
@@ -421,6 +433,7 @@ def distill(cfg: DistillConfig) -> dict:
     B, k = cfg.batch_size, max(1, cfg.schedule.critic_per_gen)
     if cfg.schedule.scheme not in ("dmd2", "fastgen"):
         raise ValueError(f"schedule.scheme must be dmd2 or fastgen, got {cfg.schedule.scheme!r}")
+    per_iteration_ema = cfg.schedule.ema_every == "iteration"
     log_buf: dict[str, list[torch.Tensor]] = {}
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -430,8 +443,12 @@ def distill(cfg: DistillConfig) -> dict:
 
     def critic_micro():
         z = unwrap(generator).sample_latents(B, rng, device)
-        cond = task.sample_cond(B, rng, device)
-        x_real, cond_real = task.sample_real(B, rng, device)
+        if cfg.gen_cond == "real":  # FastGen: the generated batch takes the real batch's labels / captions
+            x_real, cond_real = task.sample_real(B, rng, device)
+            cond = cond_real
+        else:
+            cond = task.sample_cond(B, rng, device)
+            x_real, cond_real = task.sample_real(B, rng, device)
         with accelerator.autocast():
             loss, logs = objective.critic_loss(z, cond, x_real, cond_real, rng)
         record(logs)
@@ -439,7 +456,7 @@ def distill(cfg: DistillConfig) -> dict:
 
     def generator_micro():
         z = unwrap(generator).sample_latents(B, rng, device)
-        cond = task.sample_cond(B, rng, device)
+        cond = task.sample_real(B, rng, device)[1] if cfg.gen_cond == "real" else task.sample_cond(B, rng, device)
         with accelerator.autocast():
             loss, logs = objective.generator_loss(z, cond, rng)
         record(logs)
@@ -449,8 +466,9 @@ def distill(cfg: DistillConfig) -> dict:
         opt_f.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         accumulate_gradients(accelerator, nets.values(), A, critic_micro)
-        record({"grad_norm_fake": _grad_norm(accelerator, fake_score, o.grad_clip),
-                "grad_norm_disc": _grad_norm(accelerator, disc, o.grad_clip)})
+        clip_c = o.grad_clip if o.clip_critic else 0.0  # FastGen clips the generator only
+        record({"grad_norm_fake": _grad_norm(accelerator, fake_score, clip_c),
+                "grad_norm_disc": _grad_norm(accelerator, disc, clip_c)})
         opt_f.step()
         opt_d.step()
 
@@ -461,7 +479,8 @@ def distill(cfg: DistillConfig) -> dict:
         accumulate_gradients(accelerator, nets.values(), A, generator_micro)
         record({"grad_norm_gen": _grad_norm(accelerator, generator, o.grad_clip)})
         opt_g.step()
-        update_emas(accelerator, emas, generator)
+        if cfg.schedule.ema_every == "generator":
+            update_emas(accelerator, emas, generator)
 
     # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
     spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
@@ -490,6 +509,8 @@ def distill(cfg: DistillConfig) -> dict:
         if it < 0:
             critic_update()
             state["iteration"] += 1
+            if per_iteration_ema:
+                update_emas(accelerator, emas, generator)
             continue
         if cfg.schedule.scheme == "dmd2":
             do_critic, do_gen = True, it % k == 0
@@ -503,6 +524,8 @@ def distill(cfg: DistillConfig) -> dict:
             state["gen_step"] += 1
             state["images_seen"] += B * world * A
         state["iteration"] += 1
+        if per_iteration_ema:  # FastGen's EMA callback: every iteration, critic-only ones too
+            update_emas(accelerator, emas, generator)
         if not do_gen:
             continue
         step = state["gen_step"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fdistill.metrics.cli import main as eval_main
+from fdistill.commands.eval import main as eval_main
 from fdistill.metrics.precision_recall import coverage, knn_radii, precision_recall
 
 

@@ -26,21 +26,22 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ..utils import IMAGE_EXTENSIONS, is_image_file
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageDataset", "ZipImageDataset", "FolderImageDataset", "NpzImageDataset",
     "open_image_dataset", "one_hot", "make_image_loader", "infinite_batches",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"})
 _IMAGE_KEYS = ("x", "images", "data", "arr_0")
 _LABEL_KEYS = ("y", "labels")
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+_is_image = is_image_file
 
 
 def one_hot(labels, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,8 +110,6 @@ class ImageDataset(Dataset):
         return x, int(self.labels[idx])
 
     def _decode(self, data: bytes, name: str) -> np.ndarray:
-        import PIL.Image
-
         try:
             with PIL.Image.open(io.BytesIO(data)) as im:
                 im = im.convert("RGB" if self.channels == 3 else "L")
@@ -252,7 +251,7 @@ class FolderImageDataset(ImageDataset):
         return "image files, either in one sub-folder per class or directly in the folder"
 
 
-def _npz_member(path: str, key: str):
+def npz_member(path: str, key: str):
     """The array `key` of an npz; memory-mapped when the member is stored uncompressed."""
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(key + ".npy")
@@ -291,10 +290,10 @@ class NpzImageDataset(ImageDataset):
             ik = next((k for k in _IMAGE_KEYS if k in keys), None)
             if ik is None:
                 raise ValueError(f"{path}: no image array; expected one of {list(_IMAGE_KEYS)}, found {keys}")
-            arr = _npz_member(path, ik)
+            arr = npz_member(path, ik)
             lk = next((k for k in _LABEL_KEYS if k in keys), None)
             if lk is not None:
-                lab = np.asarray(_npz_member(path, lk))
+                lab = np.asarray(npz_member(path, lk))
                 if lab.ndim == 2:  # one-hot rows
                     lab = lab.argmax(axis=1)
                 if lab.ndim != 1:

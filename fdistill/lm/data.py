@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fdistill.lm import toy
 from fdistill.lm.modeling import SeqBatch, build_batch
 
 
@@ -48,8 +49,6 @@ def load_prompts(spec: str) -> list[str]:
     """``toy`` (the toy language's prompts), a JSONL with a ``prompt`` field, or a text file of one prompt
     per line. An empty spec is one empty prompt (unconditional generation)."""
     if spec == "toy":
-        from fdistill.lm import toy
-
         return toy.prompts()
     if spec == "":
         return [""]

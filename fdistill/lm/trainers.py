@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from fdistill.divergences import get_divergence
 from fdistill.lm import toy
 from fdistill.lm.config import DPHConfig, DPOConfig, FDPGConfig, LMBaseConfig, TDPOConfig, dump_yaml
-from fdistill.lm.data import encode_prompt, load_callable, load_pairs, load_prompts, pair_batch, tokenize_pairs, write_jsonl
+from fdistill.lm.data import (encode_prompt, load_callable, load_pairs, load_prompts, pair_batch, tokenize_pairs,
+                              write_jsonl)
 from fdistill.lm.evaluate import evaluate_policy
 from fdistill.lm.losses import (LogZEstimator, MovingAverageBaseline, dph_penalty, f_dpo_loss, fdpg_loss,
                                 grpo_advantages, ppo_clip_loss, tdpo_loss, token_logps)
-from fdistill.lm.modeling import (SeqBatch, forward_logits, load_causal_lm, response_texts, sample,
-                                  token_logps_of)
+from fdistill.lm.modeling import SeqBatch, forward_logits, load_causal_lm, response_texts, sample, token_logps_of
 from fdistill.lm.tokenizer import load_tokenizer
 
 
@@ -354,7 +355,6 @@ def train_dph(cfg: DPHConfig, log: Callable | None = print) -> dict:
         (run.out / "dph_split.json").write_text(json.dumps(
             {"near_perfect": near_perfect, "exploration": exploration, "presample": cfg.presample,
              "initial_pass_rate": mean_r}, indent=1))
-        from safetensors.torch import save_file
 
         save_file({"input_ids": stored.input_ids.contiguous(), "attention_mask": stored.attention_mask.contiguous(),
                    "response_mask": stored.response_mask.contiguous(), "ref_token_logps": stored_lp.contiguous()},

@@ -5,7 +5,7 @@ float; ``legacy_tensorflow``: no resize outside, the network's TF-style bilinear
 reader (``get_files_features``), ``get_batch_features`` and ``frechet_distance``. What this module adds is input
 handling (arrays, tensors, npz files, EDM's reference statistics) and a record of the protocol.
 
-Protocols (see the README section on evaluation):
+Protocols (docs/evaluation.md):
 
 * ImageNet-64 as in EDM / DMD2 / f-distill: 50,000 samples (seeds 0..49999) against EDM's reference statistics
   ``imagenet-64x64.npz``, mode ``legacy_tensorflow`` -- EDM's fid.py feeds the 64x64 uint8 images to NVIDIA's
@@ -19,21 +19,24 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import cleanfid
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
-
 from cleanfid.fid import frechet_distance, get_batch_features, get_files_features
 from cleanfid.resize import build_resizer
-from cleanfid.utils import EXTENSIONS
+from PIL import Image
+from tqdm import tqdm
 
-from .inception import load_inception
+from ..data.images import npz_member
+from ..utils import is_image_file
+from .inception import load_inception, sha256_file
 
 MODES = ("clean", "legacy_tensorflow")
 PAPER_NUM_SAMPLES = 50_000
@@ -140,7 +143,6 @@ def inception_features(images, batch_size: int = 50, device: str | torch.device 
     feats = []
     batches = _iter_batches(images, batch_size)
     if progress:
-        from tqdm import tqdm
         total = -(-len(images) // batch_size) if isinstance(images, (np.ndarray, torch.Tensor)) else None
         batches = tqdm(batches, desc=f"Inception features ({mode})", unit="batch", total=total)
     for arr in batches:
@@ -158,16 +160,14 @@ def inception_features(images, batch_size: int = 50, device: str | torch.device 
 
 
 def list_image_files(path: str | os.PathLike) -> list[str]:
-    """Image files of a folder (recursive) or zip (e.g. an EDM dataset zip), sorted -- clean-fid's extensions."""
+    """Image files of a folder (recursive) or zip (e.g. an EDM dataset zip), sorted (``fdistill.utils``'s image
+    extensions, any case)."""
     path = str(path)
     if path.lower().endswith(".zip") and os.path.isfile(path):
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        files = [n for n in names if os.path.splitext(n)[1].lower()[1:] in EXTENSIONS]
-    else:
-        files = [f for ext in EXTENSIONS for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)]
-    # A set: on case-insensitive file systems 'png' and 'PNG' match the same file twice.
-    return sorted(set(files))
+            return sorted(n for n in zf.namelist() if is_image_file(n))
+    return sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                  if is_image_file(f) and os.path.isfile(f))
 
 
 def folder_features(path: str | os.PathLike, num: int | None = None, batch_size: int = 50,
@@ -284,14 +284,7 @@ IMAGE_NPZ_KEYS = ("arr_0", "x", "images")
 
 def _npz_array(path, key) -> np.ndarray:
     """Memory-mapped when the member is stored uncompressed (np.savez), so 50k images are not all loaded."""
-    try:
-        from fdistill.data.images import _npz_member
-    except ImportError:  # the data module is optional here; fall back to reading the whole array
-        _npz_member = None
-    if _npz_member is not None:
-        return _npz_member(str(path), key)
-    with np.load(path, allow_pickle=False) as data:
-        return data[key]
+    return npz_member(str(path), key)
 
 
 def load_image_npz(path: str | os.PathLike) -> np.ndarray:
@@ -359,7 +352,6 @@ def _check_feature_meta(path, mode, pre_resize) -> None:
 
 def describe_file(path) -> dict:
     """Path, size and sha256 of a file (for the protocol record); folders get their image count."""
-    from .inception import sha256_file
     p = Path(path)
     if p.is_file():
         return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -388,7 +380,6 @@ def reference_stats(ref, mode: str | None, ref_num: int | None = None, **kw):
             if mode is None:
                 mode = EDM_STATS_MODE
             elif mode != EDM_STATS_MODE:
-                import warnings
                 warnings.warn(
                     f"{ref} carries no metadata; EDM's reference files were computed with the TF-style resize "
                     f"(mode legacy_tensorflow) but mode={mode!r} was asked for. Make sure the statistics match.")
@@ -475,7 +466,6 @@ def _npz_seeds(source, num: int) -> dict | None:
 
 
 def _protocol(model, mode, num, pre_resize, source) -> dict:
-    import cleanfid
     inc = {"path": str(getattr(model, "path", "custom")), "sha256": getattr(model, "sha256", None)}
     out = {
         "num_samples": int(num),

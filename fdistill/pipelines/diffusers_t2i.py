@@ -46,7 +46,9 @@ from ..discriminator import Discriminator
 from ..generator import OneStepGenerator
 from ..noise import NoiseSchedule, vp_sigmas
 from . import Task, check_task_keys
-from .coco_t2i import _real_caption_table, latent_cache, load_kwargs, read_prompts
+from ..hub import load_kwargs
+from ..prompts import read_prompts
+from .coco_t2i import _real_caption_table, latent_cache
 
 FAMILIES = {
     # pipeline key: (diffusers pipeline class, denoising network subfolder, noise grid)
@@ -376,7 +378,7 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"):
     """(the generator's denoising network with any LoRA merged, the LoRA state dict or None, family, meta)."""
-    from .. import export as ex
+    from .. import weights as ex
 
     ckpt = ex.resolve_checkpoint(ckpt)
     meta = ex.checkpoint_meta(ckpt)
@@ -426,14 +428,15 @@ def one_step_pipeline(net, family: str, teacher: str, dtype=torch.float32):
 
 
 def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str = "ema", overwrite: bool = False,
-                           lora_only: bool = True) -> Path:
-    """Write the generator as the family's diffusers pipeline (LoRA merged) plus, for LoRA runs, the adapter
-    weights alone (``lora/``, loadable with the teacher pipeline's ``load_lora_weights``)."""
+                           lora_only: bool = True, dtype: torch.dtype | None = None) -> Path:
+    """Write the generator as the family's diffusers pipeline (LoRA merged; all weights in ``dtype``, default
+    float32) plus, for LoRA runs, the adapter weights alone (``lora/``, loadable with the teacher pipeline's
+    ``load_lora_weights``)."""
     net, lora_sd, family, meta = network_from_checkpoint(ckpt, teacher, which)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --force or choose another folder")
-    pipe = one_step_pipeline(net, family, meta["teacher"])
+    pipe = one_step_pipeline(net, family, meta["teacher"], dtype or torch.float32)
     cfg = meta.get("config") or {}
     tcfg = cfg.get("task") or {}
     guidance = float(tcfg.get("guidance_scale") or _DEFAULT_GUIDANCE[family]) if family == "flux" else 1.0
