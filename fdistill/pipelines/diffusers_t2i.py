@@ -115,6 +115,23 @@ def load_pipeline(teacher: str, family: str, dtype=torch.float32, variant: str =
                                 f"`huggingface-cli download {teacher} --local-dir DIR` and pass teacher=DIR") from None
 
 
+def network_class(family: str):
+    import diffusers
+
+    return getattr(diffusers, {"sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel",
+                               "flux": "FluxTransformer2DModel"}[family])
+
+
+def load_network(teacher: str, family: str, dtype=torch.float32, variant: str = ""):
+    """The family's denoising network (UNet / transformer) from the teacher's folder or hub id."""
+    try:
+        return network_class(family).from_pretrained(teacher, subfolder=FAMILIES[family][1], torch_dtype=dtype,
+                                                     **load_kwargs(teacher, variant))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load the {family} teacher's {FAMILIES[family][1]} from {teacher!r}: {e}") \
+            from None
+
+
 def _example_config(family):
     return {"sdxl": "sdxl_js.yaml", "sd3": "sd35_medium_js.yaml", "flux": "flux_dev_js.yaml"}[family]
 
@@ -210,9 +227,10 @@ def build(cfg, device) -> Task:
         raise ValueError(f"task.text_cache must be auto, memory or online, got {t['text_cache']!r}")
     device = torch.device(device)
     tdtype = _DTYPES[t["teacher_dtype"]]
-    pipe = load_pipeline(cfg.teacher, family, tdtype, t["variant"])
-    net = _network(pipe, family)
-    setattr(pipe, FAMILIES[family][1], None)  # the pipeline keeps text encoders and VAE only
+    # the pipeline without its network (text encoders and VAE); the network apart: fp32 for full fine-tuning (the
+    # trainable copies start from the exact teacher weights), the teacher's dtype for a LoRA base
+    pipe = load_pipeline(cfg.teacher, family, tdtype, t["variant"], **{FAMILIES[family][1]: None})
+    net = load_network(cfg.teacher, family, tdtype if t["lora_rank"] else torch.float32, t["variant"])
     guidance = t["guidance_scale"] or _DEFAULT_GUIDANCE[family]
     lat = latent_side(pipe, family, t["resolution"])
     res = lat * vae_factor(pipe)
@@ -391,11 +409,8 @@ def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"
     from safetensors.torch import load_file
 
     sd = load_file(str(Path(ckpt) / f"{name}.safetensors"))
-    import diffusers
-
     sub = FAMILIES[family][1]
-    net_cls = getattr(diffusers, {"sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel",
-                                  "flux": "FluxTransformer2DModel"}[family])
+    net_cls = network_class(family)
     kw = load_kwargs(str(teacher))
     tcfg = cfg.get("task") or {}
     lora_sd = None
@@ -404,7 +419,7 @@ def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"
 
         spec = LoraSpec(int(tcfg["lora_rank"]), float(tcfg.get("lora_alpha", 0) or 0))
         lora_sd = adapter_state(sd)
-        net = net_cls.from_pretrained(teacher, subfolder=sub, torch_dtype=torch.float32, **kw)
+        net = load_network(str(teacher), family, torch.float32, tcfg.get("variant", "") or "")
         merge(net, lora_sd, spec.scale)
         lora_sd = {"adapters": lora_sd, "scale": spec.scale}
     else:
