@@ -256,7 +256,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=DistillC
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     if cls is DistillConfig:
-        data = apply_recipe(data)
+        try:
+            data = apply_recipe(data)
+        except ValueError as e:  # recipes.py sits below this module and raises plain ValueErrors
+            raise ConfigError(str(e)) from None
     return from_dict(cls, data)
 
 
