@@ -338,7 +338,7 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(s.ema_every in ("generator", "iteration"), "schedule.ema_every", s.ema_every, "generator or iteration")
     _need(cfg.gen_cond in ("random", "real"), "gen_cond", cfg.gen_cond, "random or real")
     n = cfg.noise
-    _need(n.grid in ("edm", "continuous", "vp"), "noise.grid", n.grid, "edm, continuous or vp")
+    _need(n.grid in ("edm", "continuous", "vp", "flow"), "noise.grid", n.grid, "edm, continuous, vp or flow (flow-matching teachers)")
     _need(n.num_levels >= 2, "noise.num_levels", n.num_levels, ">= 2")
     _need(_finite(n.sigma_min) and n.sigma_min > 0, "noise.sigma_min", n.sigma_min, "> 0")
     _need(_finite(n.sigma_max) and n.sigma_max > n.sigma_min, "noise.sigma_max", n.sigma_max,

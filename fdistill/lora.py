@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from .denoisers import Denoiser
 
@@ -95,7 +97,6 @@ def enable_gradient_checkpointing(net: nn.Module, layers: dict) -> None:
     layers' state: it would recompute with another adapter (or none) than the pass it belongs to, and silently
     give wrong gradients where the shapes agree (the generator's and the fake score's adapters). So each
     checkpoint records the adapter state at its forward and recomputes under it (``context_fn``)."""
-    from torch.utils.checkpoint import checkpoint
 
     def checkpoint_fn(module, *args):
         state = [(m._active_adapter, m._disable_adapters) for m in layers.values()]
@@ -204,7 +205,6 @@ def lora_weights_for_pipeline(adapters: dict, prefix: str, scale: float) -> dict
 
 
 def save_lora_weights(adapters: dict, prefix: str, scale: float, out_dir) -> Path:
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,16 +38,21 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from ..denoisers import freeze
-from ..denoisers_flow import FlowMatchDenoiser, flow_grid
+from ..denoisers_flow import FlowMatchDenoiser, flow_grid, pack_latents
 from ..denoisers_vp import CFGDenoiser, VPUNetDenoiser
 from ..discriminator import Discriminator
 from ..generator import OneStepGenerator
 from ..noise import NoiseSchedule, vp_sigmas
-from . import Task, check_task_keys
+from .. import weights as ex
 from ..hub import load_kwargs
+from ..imageio import save_grid
+from ..lora import LoraSpec, adapter_state, lora_networks, merge, save_lora_weights
 from ..prompts import read_prompts
+from ..sampler import SampleSource, per_image_latents
+from ..task import Task, check_task_keys
 from .coco_t2i import _real_caption_table, latent_cache
 
 FAMILIES = {
@@ -252,7 +257,6 @@ def build(cfg, device) -> Task:
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max), generator_sigma=gen_sigma)
 
     # networks: fp32 trainable copies (full fine-tuning) or LoRA adapters on one frozen base
-    from ..lora import LoraSpec, lora_networks
 
     lora = LoraSpec(t["lora_rank"], t["lora_alpha"], list(t["lora_targets"]) or default_lora_targets(family))
     mk = lambda n: make_denoiser(n, family, ac, fm, guidance)  # noqa: E731
@@ -361,7 +365,6 @@ def build(cfg, device) -> Task:
         return x.to(dev), embed(ids, dev)
 
     def evaluate(gen, run_dir, final=False, step=0):
-        from ..sampling import per_image_latents, save_grid
 
         k = len(eval_prompts)
         z = per_image_latents(range(k), latent_shape, device)
@@ -396,7 +399,6 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"):
     """(the generator's denoising network with any LoRA merged, the LoRA state dict or None, family, meta)."""
-    from .. import weights as ex
 
     ckpt = ex.resolve_checkpoint(ckpt)
     meta = ex.checkpoint_meta(ckpt)
@@ -406,7 +408,6 @@ def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"
         raise ValueError(f"{ckpt} is a {family!r} run, not one of {list(FAMILIES)}")
     teacher = teacher or cfg.get("teacher")
     name = ex.weights_name(ckpt, which, cfg)
-    from safetensors.torch import load_file
 
     sd = load_file(str(Path(ckpt) / f"{name}.safetensors"))
     sub = FAMILIES[family][1]
@@ -415,7 +416,6 @@ def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"
     tcfg = cfg.get("task") or {}
     lora_sd = None
     if int(tcfg.get("lora_rank", 0) or 0):  # the teacher's weights + the generator's adapters, merged
-        from ..lora import LoraSpec, adapter_state, merge
 
         spec = LoraSpec(int(tcfg["lora_rank"]), float(tcfg.get("lora_alpha", 0) or 0))
         lora_sd = adapter_state(sd)
@@ -459,7 +459,6 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     if lora_sd is not None and lora_only:
-        from ..lora import save_lora_weights
 
         save_lora_weights(lora_sd["adapters"], FAMILIES[family][1], lora_sd["scale"], tmp / "lora")
     (tmp / "fdistill_export.json").write_text(json.dumps({
@@ -486,8 +485,6 @@ def _latent_shape(pipe, family, tcfg):
 
 def sample_source(source, which: str = "ema", teacher: str | None = None, device=None, dtype=torch.float32):
     """A ``fdistill sample`` source for an exported folder or a run / checkpoint of these pipelines."""
-    from ..sampling import SampleSource, per_image_latents
-    from ..denoisers_flow import pack_latents
 
     p = Path(source)
     if (p / "model_index.json").is_file():
