@@ -34,6 +34,9 @@ class OptimConfig:
     """Generator learning rate (AdamW; paper: 1e-4 CIFAR-10, 2e-6 ImageNet-64, 1e-5 SD1.5)."""
     lr_critic: float | None = None
     """Fake score + discriminator learning rate; None = lr_gen (as in the paper)."""
+    lr_disc: float | None = None
+    """Discriminator head learning rate; None = lr_critic. A head trained from scratch for a few hundred steps
+    (the CPU demo) needs a larger one than the fake score, which starts at the teacher."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     grad_clip: float = 10.0
@@ -102,6 +105,11 @@ class LogConfig:
     """Experiment trackers through accelerate (``[tensorboard]``, ``[wandb]``, ``[trackio]`` ...): the scalars of
     metrics.jsonl, the sample grids and the final metrics; a resumed run continues the same tracker run. None by
     default (nothing to install)."""
+    chance_warn_rows: int = 5
+    """Warn (log line and progress bar) when the discriminator's accuracy has stayed within ``chance_margin`` of
+    0.5 for this many consecutive logged rows: its ratio is then ~1, the f-weights ~1 and the GAN term carries
+    nothing, i.e. the run is DMD2 with noise-level weights. 0 disables."""
+    chance_margin: float = 0.05
 
 
 @dataclass
@@ -277,7 +285,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=DistillC
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     if cls is DistillConfig:
-        data = apply_recipe(data)
+        try:
+            data = apply_recipe(data)
+        except ValueError as e:  # recipes.py sits below this module and raises plain ValueErrors
+            raise ConfigError(str(e)) from None
     cfg = from_dict(cls, data)
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -314,6 +325,8 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(_finite(o.lr_gen) and o.lr_gen > 0, "optim.lr_gen", o.lr_gen, "a learning rate > 0")
     _need(o.lr_critic is None or (_finite(o.lr_critic) and o.lr_critic > 0), "optim.lr_critic", o.lr_critic,
           "a learning rate > 0 (or null: optim.lr_gen)")
+    _need(o.lr_disc is None or (_finite(o.lr_disc) and o.lr_disc > 0), "optim.lr_disc", o.lr_disc,
+          "a learning rate > 0 (or null: the critic's)")
     _need(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
           "two AdamW decays in [0, 1), e.g. [0.9, 0.999]")
     _need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
@@ -327,7 +340,7 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(s.ema_every in ("generator", "iteration"), "schedule.ema_every", s.ema_every, "generator or iteration")
     _need(cfg.gen_cond in ("random", "real"), "gen_cond", cfg.gen_cond, "random or real")
     n = cfg.noise
-    _need(n.grid in ("edm", "continuous", "vp"), "noise.grid", n.grid, "edm, continuous or vp")
+    _need(n.grid in ("edm", "continuous", "vp", "flow"), "noise.grid", n.grid, "edm, continuous, vp or flow (flow-matching teachers)")
     _need(n.num_levels >= 2, "noise.num_levels", n.num_levels, ">= 2")
     _need(_finite(n.sigma_min) and n.sigma_min > 0, "noise.sigma_min", n.sigma_min, "> 0")
     _need(_finite(n.sigma_max) and n.sigma_max > n.sigma_min, "noise.sigma_max", n.sigma_max,

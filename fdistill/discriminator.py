@@ -15,8 +15,20 @@ import torch
 import torch.nn as nn
 
 
-def _groups(c: int, prefer: int = 32) -> int:
-    return math.gcd(c, prefer) or 1
+# Fewest channels one GroupNorm group may hold. The head's second norm acts on a 1x1 map, where a group's
+# statistics are taken over its channels alone: with 2 channels per group (64 channels in 32 groups, the 16x16
+# MNIST teacher) every group is normalised to (-1, +1) whatever its input, the head passes on only signs, and its
+# logits stay near 0 (docs/discriminator.md). 768 (ImageNet-64) and 1280 (SD1.5) channels keep 32 groups.
+MIN_GROUP_CHANNELS = 16
+
+
+def _groups(c: int, prefer: int = 32, min_channels: int = MIN_GROUP_CHANNELS) -> int:
+    """GroupNorm groups for ``c`` channels: gcd(c, prefer) (32 as in DMD2/FastGen for wide maps), fewer where a
+    group would hold under ``min_channels`` channels."""
+    g = math.gcd(c, prefer) or 1
+    while g > 1 and c // g < min_channels:
+        g = math.gcd(c, g // 2) or 1
+    return g
 
 
 class ConvHead(nn.Module):

@@ -53,6 +53,7 @@ __all__ = ["EDMOneStepScheduler", "OneStepPipeline", "export", "generator_spec",
 
 EDM_PIPELINES = ("mnist", "image", "imagenet64")
 SD_PIPELINES = ("coco_t2i",)
+FAMILY_PIPELINES = ("sdxl", "sd3", "flux")
 EXPORT_META = "fdistill_export.json"
 EXPORT_FORMAT = "fdistill-one-step-edm-v1"
 ONE_STEP_USAGE = """from fdistill.onestep import OneStepPipeline
@@ -188,6 +189,12 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, which: str = "
     if pipeline in SD_PIPELINES:
         return export_from_checkpoint(ckpt, out, teacher, which, overwrite=out.exists(), dtype=dtype,
                                       safety_checker=safety_checker)
+    if pipeline in FAMILY_PIPELINES:  # SDXL / SD3 / Flux: the family's own diffusers pipeline class, one step
+        from .pipelines.diffusers_t2i import export_from_checkpoint as export_family
+
+        if safety_checker:
+            raise ValueError(f"--safety-checker applies to coco_t2i runs; {pipeline} pipelines have none")
+        return export_family(ckpt, out, teacher, which, overwrite=out.exists(), dtype=dtype)
     if pipeline not in EDM_PIPELINES:
         raise ValueError(f"{ckpt} is a {pipeline!r} run; export supports the image pipelines "
                          f"({', '.join(EDM_PIPELINES + SD_PIPELINES)})")

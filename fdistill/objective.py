@@ -64,6 +64,13 @@ class ObjectiveConfig:
     disc_fake_noise: str = "independent"
     """Noised generated batch the discriminator sees: 'independent' (its own sigma and eps, DMD2) or 'denoise'
     (the fake-score loss's own sigma and eps, FastGen)."""
+    log_bins: bool = True
+    """Log the discriminator's accuracy and mean logits, and the weights' ESS, per noise-level bin (the ratio
+    normaliser's bins): ``disc_acc_binK``, ``logit_real_binK``, ``logit_fake_binK``, ``h_ess_binK``."""
+
+
+# Prefixes of the per-bin (sum, count) log entries that the trainer turns into one mean per bin.
+PER_BIN_NUM, PER_BIN_DEN = "_num:", "_den:"
 
 
 def _cat_cond(a: Any, b: Any) -> Any:
@@ -154,6 +161,13 @@ class FDistill(nn.Module):
         loss = loss_dm + cfg.gan_weight * loss_gan
         logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
                 "logit_gen": logit.detach().mean(), **stats}
+        # share of samples whose r sits at a clamp: a confident discriminator puts every generated sample at
+        # r_min, where the weights are uniform again
+        rc = self.ratio.cfg
+        r_raw = torch.exp(log_r.reshape(-1).float().clamp(-rc.logit_clamp, rc.logit_clamp))
+        logs["r_clamped"] = ((r_raw <= rc.r_min) | (r_raw >= rc.r_max)).float().mean()
+        if cfg.log_bins:
+            logs.update(binned_ess(h, self.ratio.bin_index(sigma.reshape(-1)), self.ratio.cfg.num_bins))
         if oracle is not None:
             logs.update(calibration(logit.detach(), oracle))
         return loss, logs
@@ -213,6 +227,14 @@ class FDistill(nn.Module):
         logs = {"loss_denoise": loss_dn.detach(), "loss_disc": loss_d.detach(),
                 "logit_real": logit_r.detach().mean(), "logit_fake": logit_f.detach().mean(),
                 "disc_acc": 0.5 * ((logit_r > 0).float().mean() + (logit_f < 0).float().mean()).detach()}
+        if cfg.log_bins:
+            # accuracy per noise-level bin (the ratio normaliser's bins), real and generated pooled
+            nb = self.ratio.cfg.num_bins
+            idx = self.ratio.bin_index(disc_sigma.reshape(-1))
+            correct = torch.cat([(logit_f < 0), (logit_r > 0)]).float().detach()
+            logs.update(binned_stats("disc_acc", correct, idx, nb))
+            logs.update(binned_stats("logit_real", logit_r.detach(), idx[n:], nb))
+            logs.update(binned_stats("logit_fake", logit_f.detach(), idx[:n], nb))
         if cfg.r1_gamma > 0:
             (grad,) = torch.autograd.grad(logit_r.sum(), x_t_r, create_graph=True)
             r1 = grad.pow(2).reshape(m, -1).sum(1).mean()
@@ -220,6 +242,36 @@ class FDistill(nn.Module):
             logs["r1"] = r1.detach()
         logs["loss_critic"] = loss.detach()
         return loss, logs
+
+
+def binned_stats(name: str, values: torch.Tensor, idx: torch.Tensor, num_bins: int) -> dict:
+    """Per-noise-level-bin means of ``values`` as ``PER_BIN_NUM + name_binK`` / ``PER_BIN_DEN + name_binK`` pairs
+    (sum and count in the bin). The trainer averages both over its logging interval and processes and writes
+    their quotient as ``name_binK``: the pooled mean over every sample that fell in bin K (absent if none did)."""
+    values, idx = values.reshape(-1).float(), idx.reshape(-1)
+    sums = torch.zeros(num_bins, device=values.device).index_add_(0, idx, values)
+    counts = torch.zeros(num_bins, device=values.device).index_add_(0, idx, torch.ones_like(values))
+    out = {}
+    for b in range(num_bins):
+        out[f"{PER_BIN_NUM}{name}_bin{b}"] = sums[b]
+        out[f"{PER_BIN_DEN}{name}_bin{b}"] = counts[b]
+    return out
+
+
+def binned_ess(h: torch.Tensor, idx: torch.Tensor, num_bins: int) -> dict:
+    """Per-bin effective sample size of the weights, (sum h)^2 / (n sum h^2) within each bin, as
+    ``binned_stats`` pairs (one value per bin that the batch visits; the trainer averages it over batches)."""
+    h, idx = h.reshape(-1).float(), idx.reshape(-1)
+    s1 = torch.zeros(num_bins, device=h.device).index_add_(0, idx, h)
+    s2 = torch.zeros(num_bins, device=h.device).index_add_(0, idx, h * h)
+    n = torch.zeros(num_bins, device=h.device).index_add_(0, idx, torch.ones_like(h))
+    present = (n > 0).float()
+    ess = torch.where(n > 0, s1 ** 2 / (n * s2).clamp(min=1e-12), torch.zeros_like(s1))
+    out = {}
+    for b in range(num_bins):
+        out[f"{PER_BIN_NUM}h_ess_bin{b}"] = ess[b]
+        out[f"{PER_BIN_DEN}h_ess_bin{b}"] = present[b]
+    return out
 
 
 def calibration(logit: torch.Tensor, oracle: torch.Tensor) -> dict:

@@ -83,9 +83,7 @@ RECIPES = tuple(_COMMON)
 def recipe_rows(recipe: str, pipeline: str) -> dict[str, Any]:
     """Every key a recipe sets for a pipeline, as dotted key -> value."""
     if recipe not in _COMMON:
-        from .config import ConfigError
-
-        raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     return {**_COMMON[recipe], **_PER_PIPELINE.get((recipe, pipeline), {})}
 
 
@@ -93,9 +91,7 @@ def apply_recipe(data: dict, default_pipeline: str = "toy2d") -> dict:
     """``data`` (a raw config mapping) with every recipe row it leaves out filled in; explicit keys win."""
     recipe = data.get("recipe", "dmd2")
     if not isinstance(recipe, str):
-        from .config import ConfigError
-
-        raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     out = dict(data)
     for key, value in recipe_rows(recipe, out.get("pipeline", default_pipeline)).items():
         *parents, last = key.split(".")

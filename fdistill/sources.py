@@ -70,6 +70,9 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
             pipe = load_exported(p)
             check_finite(pipe.unet.state_dict(), f"{p / 'unet'}", "export it again from a finite checkpoint")
             return _edm_source(pipe, info, device, dtype)
+        from .pipelines import diffusers_t2i as t2i
+        if cls in t2i.PIPELINE_CLASSES and meta.get("format") == t2i.EXPORT_FORMAT:  # SDXL / SD3 / Flux exports
+            return t2i.sample_source(p, device=device, dtype=dtype)
         if cls == "StableDiffusionPipeline":
             if steps is None:
                 steps = meta.get("num_inference_steps")
@@ -87,6 +90,9 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
     if pipeline in EDM_PIPELINES:
         pipe = pipeline_from_checkpoint(ckpt, which, teacher)
         return _edm_source(pipe, dict(pipe.fdistill_source, source=str(ckpt.resolve())), device, dtype)
+    if pipeline in ("sdxl", "sd3", "flux"):
+        from .pipelines.diffusers_t2i import sample_source
+        return sample_source(ckpt, which, teacher, device, dtype)
     if pipeline in SD_PIPELINES:
         unet, meta = unet_from_checkpoint(ckpt, teacher, which)
         tdir = teacher or cfg["teacher"]

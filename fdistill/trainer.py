@@ -34,7 +34,7 @@ from .config import ConfigError, DistillConfig, dump_yaml, to_dict
 from .divergences import get_divergence
 from .errors import RunInterrupted, TrainingDiverged
 from .generator import unwrap
-from .objective import FDistill
+from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
 from .ratio import RatioNormalizer
 
 # Tests set this to SIGKILL the process after a given generator step, to check exact resumption.
@@ -380,6 +380,23 @@ class Evaluator:
         return metrics
 
 
+def per_bin_means(means: dict) -> dict:
+    """A logged row from interval means: each (``PER_BIN_NUM`` + key, ``PER_BIN_DEN`` + key) pair of sums and
+    counts (``objective.binned_stats``) becomes ``key`` = their quotient, left out where the count is 0."""
+    row = {}
+    for key, v in means.items():
+        if key.startswith(PER_BIN_DEN):
+            continue
+        if key.startswith(PER_BIN_NUM):
+            name = key[len(PER_BIN_NUM):]
+            den = means.get(PER_BIN_DEN + name, 0.0)
+            if den > 0:
+                row[name] = float(v) / float(den)
+            continue
+        row[key] = float(v)
+    return row
+
+
 def distill(cfg: DistillConfig) -> dict:
     """Train (or resume) the run ``cfg.out``. Holds the directory's lock while it runs; Ctrl-C becomes
     RunInterrupted naming the step reached."""
@@ -448,7 +465,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     # update as one optimizer over both, and checkpoints store the two as one 'critic' optimizer.
     opt_g = torch.optim.AdamW(generator.parameters(), lr=o.lr_gen, **kw)
     opt_f = torch.optim.AdamW(fake_score.parameters(), lr=lr_c, **kw)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=lr_c, **kw)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=o.lr_disc if o.lr_disc is not None else lr_c, **kw)
     # EMAs are full copies on every process (also under FSDP): one generator's worth of memory per decay.
     emas = {f"ema_{d:g}": AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
             for d in cfg.ema}
@@ -497,6 +514,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     trackers = cfg.log.trackers
     tracking.start(accelerator, trackers, run_dir, to_dict(cfg), state["gen_step"])
     guard = NonFiniteGuard(cfg, state)
+    chance_rows = 0  # consecutive logged rows with the discriminator at chance
 
     def record(logs):
         for key, v in logs.items():
@@ -602,14 +620,25 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
             log_buf.clear()
             row = {"step": step, "kimg": state["images_seen"] / 1000, "time": round(time.time() - t0, 3),
                    "skipped_updates": state["skipped_updates"],
-                   **{key: float(v) for key, v in zip(keys, vals)}}
+                   **per_bin_means(dict(zip(keys, vals)))}
+            acc = row.get("disc_acc")
+            at_chance = acc is not None and abs(acc - 0.5) < cfg.log.chance_margin
+            chance_rows = chance_rows + 1 if at_chance else 0
+            warn = bool(cfg.log.chance_warn_rows) and chance_rows >= cfg.log.chance_warn_rows
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 tracking.log_scalars(accelerator, trackers, row, step)
+                if warn and chance_rows == cfg.log.chance_warn_rows:  # once per stretch at chance
+                    msg = (f"warning: discriminator at chance (disc_acc {acc:.3f}) for {chance_rows} logged rows "
+                           f"up to step {step}: f-weighting inactive (h ~ 1) and the GAN term uninformative")
+                    (pbar.write if pbar is not None else accelerator.print)(msg)
                 if pbar is not None:
-                    pbar.set_postfix({key: f"{row[key]:.3g}" for key in ("loss_dm", "loss_disc", "h_ess")
-                                      if key in row and math.isfinite(row[key])})
+                    post = {key: f"{row[key]:.3g}" for key in ("loss_dm", "loss_disc", "disc_acc", "h_ess")
+                            if key in row and math.isfinite(row[key])}
+                    if warn:
+                        post["warn"] = "f-weighting inactive"
+                    pbar.set_postfix(post)
         if pbar is not None:
             pbar.update(1)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0 and task.evaluate is not None:

@@ -7,7 +7,7 @@ A task is built from a ``DistillConfig`` by ``build_task(cfg, device)`` (the reg
 from __future__ import annotations
 
 from ..task import Task, check_task_keys  # noqa: F401 (re-exported first: task modules may import them from here)
-from . import coco_t2i, image, imagenet64, mnist, toy2d
+from . import coco_t2i, diffusers_t2i, image, imagenet64, mnist, toy2d
 
 BUILDERS = {
     "toy2d": toy2d.build,
@@ -15,6 +15,9 @@ BUILDERS = {
     "imagenet64": imagenet64.build,
     "image": image.build,
     "coco_t2i": coco_t2i.build,
+    "sdxl": diffusers_t2i.build,  # SDXL, SD3 / SD3.5, FLUX.1 through their diffusers pipelines (docs/teachers.md)
+    "sd3": diffusers_t2i.build,
+    "flux": diffusers_t2i.build,
 }
 """config ``pipeline`` -> build(cfg, device) -> Task."""
 

@@ -199,10 +199,12 @@ def load_image(path, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> SD latents (posterior mean x scaling_factor; deterministic, so the cache is too)."""
+    """[-1, 1] images -> model-space latents: (posterior mean - shift_factor) x scaling_factor, as the diffusers
+    pipelines scale them (SD3 / Flux VAEs have a shift factor); deterministic, so the cache is too."""
     p = next(vae.parameters())
     dist = vae.encode(images.to(p.device, p.dtype)).latent_dist
-    return dist.mean.float() * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (dist.mean.float() - shift) * vae.config.scaling_factor
 
 
 def latent_cache(data: str, vae, resolution: int, cache_path: Path | None, cache_dir: Path, max_real: int = 0,

@@ -150,6 +150,10 @@ DEFAULTS = {
     "teacher_dtype": "float32",
     "eval_samples": 500,  # images for the student's FID (the teacher's figures use 500 as well); 0 = no FID
     "grid_samples": 100,  # images in samples.png (teacher and student) and in the sampling-speed measurement
+    # Teacher maps read by the discriminator, one head each (logits averaged): 16x16, 8x8 and the 4x4 bottleneck,
+    # as FastGen's CIFAR-10 config reads the encoder's 32, 16 and 8 maps. The bottleneck alone separates the
+    # student from real digits too slowly once the student is no longer blurry (docs/discriminator.md).
+    "feature_modules": ["down_blocks.0.resnets.0", "down_blocks.0", "mid_block"],
 }
 
 
@@ -187,7 +191,7 @@ def build(cfg, device) -> Task:
     res = meta.get("resolution", RESOLUTION)
     x, y = load_mnist(res)
     image_keys = {**IMAGE_DEFAULTS, "teacher_dtype": t["teacher_dtype"], "grid_samples": t["grid_samples"],
-                  "loader_threads": 0}  # in-memory digits: nothing to decode
+                  "feature_modules": list(t["feature_modules"]), "loader_threads": 0}  # in-memory digits: nothing to decode
     task = assemble(cfg, image_keys, den.unet, den.sigma_data, list(zip(x, y.tolist())), device, res, 1,
                     NUM_CLASSES)
     grid = task.evaluate

@@ -76,8 +76,13 @@ def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, de
     if num_fid <= 0:  # FID switched off (task.eval_samples=0)
         return out
     ref = reference_features(Path(teacher_dir) if teacher_dir else TEACHER_DIR)
+    from ..metrics.fid import fid_from_features, inception_features
+
     xs = generate(lambda z, y: gen(z, y), num_fid, res, 100, device)
-    out["fid_student"] = round(fid_against_reference(xs, ref, progress), 3)
+    feats = inception_features(xs, batch_size=50, progress=progress)
+    # kept for `fdistill eval pr run/student_features.npz REF` (precision/recall on the same features)
+    np.savez_compressed(Path(run_dir) / "student_features.npz", feats=feats.astype(np.float32))
+    out["fid_student"] = round(fid_from_features(feats.astype(np.float64), ref), 3)
     out["fid_num_samples"] = num_fid
     for k in ("fid_teacher", "fid_teacher_one_step"):
         if k in teacher_meta:

@@ -1,0 +1,91 @@
+"""The MNIST divergence table (docs/discriminator.md): reverse_kl, js, forward_kl x seeds on the embedded default.
+
+    python benchmarks/mnist_divergences.py --seeds 0 1 2 --out benchmarks/mnist_divergences.json
+
+Each run is `fdistill demo --divergence D --out RUNS/D_S seed=S` (configs/mnist.yaml, 500-sample FID against the
+shipped reference); precision and recall are `fdistill eval pr` on the student's Inception features, which the
+demo keeps in student_features.npz, against the shipped reference features (k=3). The weights' ESS is read from
+metrics.jsonl: its mean over the logged rows, its minimum, and the mean of the smallest-sigma bin's. Results are
+written after every run, and runs already in the JSON are skipped, so the script can be stopped and restarted.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "fdistill.cli", *args]
+
+
+def ess_summary(metrics_jsonl: Path) -> dict:
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    ess = [r["h_ess"] for r in rows if "h_ess" in r]
+    bin0 = [r["h_ess_bin0"] for r in rows if "h_ess_bin0" in r]
+    acc = [r["disc_acc"] for r in rows if "disc_acc" in r and r["step"] > 50]
+    return {"h_ess_mean": float(np.mean(ess)), "h_ess_min": float(np.min(ess)),
+            "h_ess_bin0_mean": float(np.mean(bin0)) if bin0 else None,
+            "disc_acc_after_50": float(np.mean(acc)) if acc else None}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--divergences", nargs="+", default=["reverse_kl", "js", "forward_kl"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", default="benchmarks/mnist_divergences.json")
+    p.add_argument("--runs", default="runs/mnist_divergences")
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides passed to every run")
+    a = p.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    out = Path(a.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    runs = Path(a.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    ref = runs / "ref_feats.npz"  # the shipped reference features under the key `fdistill eval pr` reads
+    with np.load(ROOT / "assets/mnist_teacher/ref_features.npz") as d:
+        np.savez(ref, feats=d["features"].astype(np.float32))
+    for s in a.seeds:  # seeds outermost: a stopped table still has every divergence for the first seeds
+        for d in a.divergences:
+            key = f"{d}/{s}"
+            if key in results:
+                continue
+            run = runs / f"{d}_{s}"
+            subprocess.run(_cli("demo", "--divergence", d, "--out", str(run), f"seed={s}", "log.progress=false",
+                                *a.overrides), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            m = json.loads((run / "metrics.json").read_text())
+            pr_json = run / "pr.json"
+            subprocess.run(_cli("eval", "pr", str(run / "student_features.npz"), str(ref), "--num", "all",
+                                "--out", str(pr_json), "--quiet"), check=True, env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
+            pr = json.loads(pr_json.read_text())
+            results[key] = {"divergence": d, "seed": s, "fid_student": m["fid_student"],
+                            "fid_teacher": m.get("fid_teacher"), "precision": pr["precision"],
+                            "recall": pr["recall"], "gen_steps": m["gen_steps"],
+                            "demo_wall_sec": m.get("demo_wall_sec"), **ess_summary(run / "metrics.jsonl")}
+            out.write_text(json.dumps(results, indent=1))
+            print(key, json.dumps(results[key]), flush=True)
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown: mean and min-max over seeds per divergence."""
+    lines = ["| divergence | seeds | FID | precision | recall | mean h_ess | min h_ess |", "|---|---|---|---|---|---|---|"]
+    for d in dict.fromkeys(r["divergence"] for r in results.values()):
+        rs = [r for r in results.values() if r["divergence"] == d]
+
+        def f(k, nd=3):
+            v = [r[k] for r in rs]
+            return f"{np.mean(v):.{nd}f} ({min(v):.{nd}f}-{max(v):.{nd}f})"
+        lines.append(f"| {d} | {len(rs)} | {f('fid_student', 1)} | {f('precision')} | {f('recall')} | "
+                     f"{f('h_ess_mean')} | {f('h_ess_min')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
