@@ -5,7 +5,7 @@
     python benchmarks/sampling.py --config imagenet64 --batch 256      # GPU; teacher: 40 steps = 79 NFE (EDM's)
 
 The networks are those of benchmarks/step.py (same builders, random weights unless the config ships a teacher):
-the student is the OneStepGenerator (one network evaluation), the teacher runs ``fdistill.sampling.edm_sample``
+the student is the OneStepGenerator (one network evaluation), the teacher runs ``fdistill.sampler.edm_sample``
 (Heun, 2 * steps - 1 evaluations, counted with ``Denoiser.calls``). Both run under no_grad with the same batch,
 latents and conditions, bf16 autocast on a GPU; blocks alternate student / teacher, medians over repeats after a
 warm-up. For sd15 an evaluation is one batched conditional + unconditional pass of the CFG teacher, and the
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from fdistill.sampling import edm_nfe, edm_sample, one_step_sample
+    from fdistill.sampler import edm_nfe, edm_sample, one_step_sample
 
     a = parse_args(argv)
     if a.threads:

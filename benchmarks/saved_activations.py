@@ -57,7 +57,7 @@ def main():
     over = [f"batch_size={a.batch}"] if a.batch else []
     with tempfile.TemporaryDirectory() as tmp:
         task, cfg = build_task(a.config, a.tiny, torch.device("cpu"), Path(tmp), over)
-    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range)
+    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing))
     obj = FDistill(task.generator, task.teacher, task.fake_score, task.discriminator, get_divergence("js"), ratio,
                    task.schedule, cfg.objective)
     B = cfg.batch_size

@@ -4,6 +4,7 @@
     python benchmarks/step.py --config mnist                     # the embedded MNIST default
     python benchmarks/step.py --config imagenet64 --batch auto   # EDM's ADM at full size (GPU), random weights
     python benchmarks/step.py --config sd15 --batch auto         # SD1.5's UNet at 64x64 latents (GPU), random weights
+    python benchmarks/step.py --config sdxl|sd35|flux --tiny     # the SDXL / SD3.5 / FLUX.1 tasks on tiny teachers
 
 The networks are assembled as the trainer assembles them: a frozen teacher, generator = OneStepGenerator(copy of
 the teacher), fake score = copy, discriminator sized from the teacher's feature shapes, ``FDistill`` with a
@@ -50,7 +51,7 @@ _T0 = time.perf_counter()  # --deadline-s counts from here
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("tiny", "mnist", "imagenet64", "sd15")
+CONFIGS = ("tiny", "mnist", "imagenet64", "sd15", "sdxl", "sd35", "flux")
 
 # EDM's ImageNet-64 ADM as diffusers UNet2DModel (REFERENCE.md s.7; what `fdistill convert-edm` writes): 296M params.
 ADM_IMAGENET64 = dict(
@@ -312,11 +313,39 @@ def build_task(config: str, tiny: bool, device, tmp: Path, overrides=()):
     elif config == "sd15":
         cfg = _cfg("coco_sd15_js.yaml", overrides)
         task = build_sd(SD15_TINY if tiny else SD15_UNET, cfg, device)
+    elif config in ("sdxl", "sd35", "flux"):
+        task, cfg = build_family(config, tiny, device, tmp, overrides)
     else:
         raise SystemExit(f"--config must be one of {CONFIGS}")
     for name in ("teacher", "generator", "fake_score", "discriminator"):
         getattr(task, name).to(device)
     return task, cfg
+
+
+def build_family(config: str, tiny: bool, device, tmp: Path, overrides=()):
+    """sdxl / sd35 / flux through their task (pipelines.diffusers_t2i) on a tiny random teacher folder of the real
+    diffusers classes (tests/tiny_teachers.py); full size needs the teacher's folder (the distill command)."""
+    if not tiny:
+        raise SystemExit(f"--config {config} runs with --tiny only (full size: fdistill distill with the teacher)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import numpy as np
+    import tiny_teachers
+    from PIL import Image
+
+    from fdistill.pipelines import build_task as build_pipeline_task
+
+    family = {"sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}[config]
+    teacher = getattr(tiny_teachers, f"tiny_{family}")(tmp / "teacher")
+    (tmp / "images").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp / "images" / f"{i}.png")
+    (tmp / "prompts.txt").write_text("\n".join(f"prompt number {i}" for i in range(16)) + "\n")
+    yaml = {"sdxl": "sdxl_js.yaml", "sd35": "sd35_medium_js.yaml", "flux": "flux_dev_js.yaml"}[config]
+    cfg = _cfg(yaml, [f"teacher={teacher}", f"prompts={tmp / 'prompts.txt'}", f"data={tmp / 'images'}",
+                      f"out={tmp / 'run'}", "task.teacher_dtype=float32", "task.resolution=32",
+                      "task.max_sequence_length=16", "task.lora_rank=0", "ema=[]", *overrides])
+    return build_pipeline_task(cfg, device), cfg
 
 
 def backbone(den):
@@ -376,7 +405,8 @@ class Runner:
         ema = cfg.ema if a.ema else []
         self.emas = [AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
                      for d in ema]
-        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
+        bins = task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing)
+        self.ratios = {name: RatioNormalizer(cfg.ratio_norm, bins).to(device)
                        for name in divergences}
         self._fdistill, self._get_divergence = FDistill, get_divergence
         self._make_objectives(self.generator, self.fake)
@@ -661,14 +691,15 @@ def split_cfg(teacher):
     them into one), to measure what the batching buys."""
     orig = teacher.forward
 
-    def forward(x_t, sigma, cond=None, mode="x0"):
+    def forward(x_t, sigma, cond=None, mode="x0", x0_grad=True):
         w = teacher.guidance_scale
         if mode == "features" or w == 1.0:
-            return orig(x_t, sigma, cond, mode)
+            return orig(x_t, sigma, cond, mode, x0_grad)
         teacher.calls[mode] += 1
         c = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
-        out = teacher.inner(x_t, sigma, c, mode=mode)
-        x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
+        out = teacher.inner(x_t, sigma, c, mode=mode, x0_grad=x0_grad)
+        with torch.set_grad_enabled(x0_grad and torch.is_grad_enabled()):
+            x0_u = teacher.inner(x_t, sigma, teacher.uncond(x_t.shape[0]), mode="x0")
         x0_c, feats = (out, None) if mode == "x0" else out
         guided = x0_c + (w - 1.0) * (x0_c - x0_u)
         return guided if mode == "x0" else (guided, feats)

@@ -1,4 +1,4 @@
-"""The 2-D toy table of the README: reverse_kl, js, forward_kl x seeds x (learned, oracle) ratio.
+"""The 2-D toy table of docs/toy.md: reverse_kl, js, forward_kl x seeds x (learned, oracle) ratio.
 
     python benchmarks/toy2d_table.py --seeds 0 1 2 --out benchmarks/toy2d_results.json
 

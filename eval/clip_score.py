@@ -1,10 +1,10 @@
 """CLIP score: `python eval/clip_score.py IMAGES --captions FILE --pretrained CKPT [options]`.
 
-Same as `fdistill eval clip`; see the README section on evaluation for the COCO-30k protocol.
+Same as `fdistill eval clip`; see docs/evaluation.md for the COCO-30k protocol.
 """
 import sys
 
-from fdistill.metrics.cli import main
+from fdistill.commands.eval import main
 
 if __name__ == "__main__":
     sys.exit(main(["clip", *sys.argv[1:]]))

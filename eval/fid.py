@@ -1,11 +1,11 @@
 """FID of generated images against a reference: `python eval/fid.py GEN REF [options]`.
 
 Same as `fdistill eval fid`; also `python eval/fid.py ref DATA --out stats.npz` for reference statistics.
-See the README section on evaluation for the papers' protocols.
+See docs/evaluation.md for the papers' protocols.
 """
 import sys
 
-from fdistill.metrics.cli import main
+from fdistill.commands.eval import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -1,10 +1,10 @@
 """Improved precision/recall (k=3, Inception features): `python eval/precision_recall.py GEN REF [options]`.
 
-Same as `fdistill eval pr`; see the README section on evaluation.
+Same as `fdistill eval pr`; see docs/evaluation.md.
 """
 import sys
 
-from fdistill.metrics.cli import main
+from fdistill.commands.eval import main
 
 if __name__ == "__main__":
     sys.exit(main(["pr", *sys.argv[1:]]))

@@ -8,6 +8,11 @@ A checkpoint is a folder ``ckpt-<generator step>/`` holding
   meta.json                     counters and the config, written last
 It is written to ``ckpt-<step>.tmp`` and renamed when complete, so a crash leaves either the previous
 checkpoint or the new one, never half of one. No pickle is ever written or read.
+
+No checkpoint is written with a non-finite tensor, and resuming verifies the newest checkpoint (every file
+readable, every tensor finite) and falls back to the previous one, with a warning, when it is damaged; the
+rotation only ever removes checkpoints older than the one just written, which passed that check.
+A run directory is held by one process at a time: ``run.lock`` names its pid and host.
 """
 
 from __future__ import annotations
@@ -17,17 +22,37 @@ import os
 import random
 import re
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import FdistillError, RunDirectoryError, RunLocked
+
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+LOCK_NAME = "run.lock"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(FdistillError, RuntimeError):
+    """A checkpoint that is missing, damaged or does not match the model; the message names the file."""
+
+
+def nonfinite_tensors(sd: dict) -> list[str]:
+    """Names of the floating-point tensors in ``sd`` holding a NaN or an infinity."""
+    return [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(sd: dict, what: str, fix: str = "") -> None:
+    """Raise CheckpointError when a tensor of ``sd`` (the weights of ``what``) is not finite."""
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise CheckpointError(f"{what} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. "
+                              f"{bad[0]!r}: the training that wrote it diverged" + (f"; {fix}" if fix else ""))
 
 
 def _contiguous(sd: dict) -> dict:
@@ -205,7 +230,12 @@ def write_rng(tmp: Path, rank: int, train_rng: torch.Generator | None):
 
 def finish_checkpoint(tmp: Path, modules: dict, optimizers: dict, meta: dict, keep: int = 2) -> Path:
     """Write the modules, optimizers and meta.json (last), then rename the folder into place and rotate.
-    Values are modules / optimizers, or their (full, gathered) state dicts."""
+    Values are modules / optimizers, or their (full, gathered) state dicts. Nothing is written when a tensor is
+    not finite (CheckpointError): the previous checkpoint stays the newest."""
+    for name, m in modules.items():
+        sd = m.state_dict() if isinstance(m, torch.nn.Module) else m
+        check_finite(sd, f"{name} at {tmp.name[:-len('.tmp')]}", "not writing this checkpoint; the previous one "
+                     "is intact: lower the learning rates (optim.lr_gen, optim.lr_critic) and start a new run")
     for name, m in modules.items():
         save_module(m, tmp / f"{name}.safetensors")
     for name, o in optimizers.items():
@@ -218,8 +248,10 @@ def finish_checkpoint(tmp: Path, modules: dict, optimizers: dict, meta: dict, ke
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    step = int(CKPT_RE.match(final.name).group(1))
     for old in list_checkpoints(tmp.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(CKPT_RE.match(old.name).group(1)) < step:  # never the one just written (checked above)
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -249,3 +281,126 @@ def load_rng(folder: Path, rank: int, train_rng: torch.Generator | None):
     if rpath.is_file():
         set_rng_state(load_file(str(rpath)), json.loads((Path(folder) / f"rng_rank{rank}.json").read_text()),
                       train_rng)
+
+
+def verify_checkpoint(folder: Path, world_size: int) -> None:
+    """Raise CheckpointError naming the first problem of checkpoint ``folder``: a file missing or unreadable (the
+    optimizers' and every process's RNG files included) or a tensor that is not finite. Reads every tensor once."""
+    folder = Path(folder)
+    read_meta(folder, world_size)
+    for name in ["optim_gen.json", "optim_critic.json"] + [f"rng_rank{k}.json" for k in range(world_size)]:
+        path = folder / name
+        if name.startswith("optim_") and not any(folder.glob("optim_*")):
+            continue  # a checkpoint of modules only (save_checkpoint without optimizers)
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is missing or unreadable ({type(e).__name__})") from None
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise CheckpointError(f"{path} holds non-finite values in {key!r}")
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated or not a safetensors file
+            raise CheckpointError(f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+                from None
+
+
+def latest_verified_checkpoint(run_dir: Path, world_size: int, warn=None) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that passes ``verify_checkpoint``; each damaged newer one is named in
+    a warning (``warn``, default: stderr) and skipped. CheckpointError when checkpoints exist and none passes;
+    a world-size mismatch is raised at once (no older checkpoint can fix it)."""
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    ckpts = list_checkpoints(Path(run_dir))
+    problems = []
+    for folder in reversed(ckpts):
+        read_meta(folder, world_size)  # the process count is a setting, not damage
+        try:
+            verify_checkpoint(folder, world_size)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for p in problems:
+            warn(f"{p}; resuming from the previous checkpoint {folder.name} instead")
+        return folder
+    if ckpts:
+        raise CheckpointError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}. Remove the damaged "
+                              "ckpt-* folders to start over, or choose another out=DIR")
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of a metrics.jsonl up to generator step ``step``: on resume the rows written between that
+    checkpoint and the end of the previous process would otherwise be logged twice."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a row cut short by the kill
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def acquire_run_lock(run_dir: Path) -> Path:
+    """Take ``run_dir/run.lock`` (pid and host) for this process. Another live holder on this host, or any holder
+    on another host, is refused (RunLocked); a lock left by a process that is gone is taken over. Call
+    ``release_run_lock`` when done."""
+    run_dir = Path(run_dir)
+    lock = run_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
+            if isinstance(e, FileExistsError) and lock.exists():
+                pass  # held: read below
+            else:
+                raise RunDirectoryError(f"cannot write to the run directory {run_dir} ({type(e).__name__}: "
+                                        f"{e.strerror}); make it writable or choose another out=DIR") from None
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = None, -1, me["host"]  # unreadable: left half-written by a crash
+            if holder is not None and (host != me["host"] or (pid != me["pid"] and _pid_alive(pid))):
+                raise RunLocked(f"{run_dir} is in use by process {pid} on {host} (lock file {lock}); wait for it "
+                                "to finish or choose another out=DIR. If no such process runs, delete the lock "
+                                "file") from None
+            lock.unlink(missing_ok=True)  # stale (its process is gone) or our own: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise RunLocked(f"could not take the lock {lock}: another process keeps taking it")
+
+
+def release_run_lock(run_dir: Path) -> None:
+    """Remove ``run_dir/run.lock`` if this process holds it."""
+    lock = Path(run_dir) / LOCK_NAME
+    try:
+        if int(json.loads(lock.read_text())["pid"]) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,12 +16,16 @@ from typing import Any
 
 import yaml
 
+from .divergences import get_divergence
+from .errors import FdistillError
 from .objective import ObjectiveConfig
 from .ratio import RatioConfig
+from .recipes import apply_recipe
+from .tracking import check_trackers
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(FdistillError, ValueError):
+    """A config that cannot run: the message names the key and what it accepts."""
 
 
 @dataclass
@@ -35,7 +40,9 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     grad_clip: float = 10.0
-    """Gradient-norm clipping of each network (DMD2: 10). 0 disables."""
+    """Gradient-norm clipping (DMD2, FastGen: 10). 0 disables."""
+    clip_critic: bool = True
+    """Clip the fake score's and the discriminator's gradients too (DMD2), not only the generator's (FastGen)."""
     fused: bool = False
     """torch's fused AdamW kernel (GPU)."""
     grad_accum: int = 1
@@ -45,6 +52,9 @@ class OptimConfig:
     The ratio normaliser works per micro-batch: the stage-1 bin means (and their EMA, which advances once per
     micro-batch) and the stage-2 batch mean of h are those of each micro-batch (over all processes), so with
     either normalisation on, accumulation is not bit-for-bit a larger batch."""
+    nonfinite_streak: int = 10
+    """An update whose loss or gradient is not finite is skipped (and counted in metrics.jsonl as
+    ``skipped_updates``); this many in a row abort the run, naming the step: the weights would only diverge."""
 
 
 @dataclass
@@ -54,6 +64,10 @@ class ScheduleConfig:
     scheme: str = "dmd2"
     """'dmd2': update the critic every iteration and the generator every k-th as well;
     'fastgen': k-1 critic-only iterations, then one generator-only iteration."""
+    ema_every: str = "generator"
+    """When the generator EMAs advance: 'generator' (after each generator update) or 'iteration' (after every
+    iteration, critic-only ones too, as FastGen's EMA callback: 0.9999 per iteration is ~0.9995 per generator
+    update at 4 critic iterations per generator one)."""
     critic_warmup: int = 0
     """Critic-only iterations before the first generator update (a fake score trained from scratch, as in the
     2-D toy, otherwise feeds the generator noise at first; image teachers start the fake score at the teacher)."""
@@ -68,7 +82,8 @@ class NoiseConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     dm_index_min: int = 20
-    """Distribution-matching noise-level index range (DMD2: [20, 980]; FastGen: [2, 998])."""
+    """Distribution-matching noise-level index range, both ends included (DMD2: [20, 980]; FastGen: [2, 998] on
+    EDM's grid, [1, 998] on SD's, the integer part of 1000 t for t ~ U[0.001, 0.999])."""
     dm_index_max: int = 980
     generator_sigma: float | None = None
     """Where the generator starts; None = the grid's largest sigma."""
@@ -86,6 +101,10 @@ class LogConfig:
     keep_ckpts: int = 2
     """Checkpoints kept on disk (oldest removed first)."""
     progress: bool = True
+    trackers: list = field(default_factory=list)
+    """Experiment trackers through accelerate (``[tensorboard]``, ``[wandb]``, ``[trackio]`` ...): the scalars of
+    metrics.jsonl, the sample grids and the final metrics; a resumed run continues the same tracker run. None by
+    default (nothing to install)."""
     chance_warn_rows: int = 5
     """Warn (log line and progress bar) when the discriminator's accuracy has stayed within ``chance_margin`` of
     0.5 for this many consecutive logged rows: its ratio is then ~1, the f-weights ~1 and the GAN term carries
@@ -95,13 +114,17 @@ class LogConfig:
 
 @dataclass
 class DistillConfig:
+    recipe: str = "dmd2"
+    """'fastgen' (the authors' code, NVlabs/FastGen) or 'dmd2' (DMD2's): fills every recipe row the config leaves
+    out (fdistill/recipes.py; docs/recipes.md). Explicit keys win."""
     pipeline: str = "toy2d"
     """Which task assembles teacher, data and conditioning: toy2d, mnist, imagenet64, coco_t2i, image."""
     out: str = "runs/default"
     """Run directory (resumed when it holds a checkpoint)."""
     divergence: str = "js"
     """f-divergence by registry name: reverse_kl, forward_kl, js, jeffreys, squared_hellinger, softened_rkl,
-    pearson, neyman, alpha:<a>."""
+    pearson, neyman, alpha:<a>; also NVlabs/FastGen's keys with FastGen's meanings: rkl, kl (= forward KL), js, sf,
+    neyman, sh, jf."""
     seed: int = 0
     steps: int = 1000
     """Generator updates."""
@@ -117,6 +140,11 @@ class DistillConfig:
     """Where the weights' r comes from: 'learned' (discriminator) or 'oracle' (toy2d only: exact)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on GPU, none on CPU), 'no', 'bf16'. fp16 diverges (paper) and is refused."""
+    allow_tf32: bool = False
+    """TF32 matmuls and convolutions on GPU (FastGen's ImageNet-64 runs fp32 with TF32)."""
+    gen_cond: str = "random"
+    """Conditioning of the generated batches: 'random' (labels / prompts drawn on their own, DMD2) or 'real' (the
+    labels / captions of a real batch drawn for the same iteration, FastGen)."""
     gradient_checkpointing: bool = False
     compile: bool = False
     """torch.compile the trainable networks."""
@@ -130,6 +158,11 @@ class DistillConfig:
     log: LogConfig = field(default_factory=LogConfig)
     task: dict = field(default_factory=dict)
     """Task-specific settings; each pipeline checks its own keys."""
+
+    def validate(self) -> None:
+        """Refuse settings that cannot run or mean nothing, naming the key: called by ``load_config``, so that
+        every check has passed before a run directory is touched."""
+        _validate_distill(self)
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -214,6 +247,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # 'alpha:' or 'alpha: x' reads as a mapping in YAML; on a command line it is the text typed
     return key.strip().split("."), value
 
 
@@ -235,18 +270,90 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(p)!r} not found; configs that ship with fdistill are in configs/ "
                           "(e.g. configs/toy2d.yaml, configs/mnist.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data is None:  # training the built-in defaults is never what an empty file meant
+        raise ConfigError(f"config file {str(p)!r} is empty; start from one in configs/ (e.g. configs/toy2d.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), cls=DistillConfig):
+    """``cls`` from a YAML file updated with ``key=value`` overrides, then ``cfg.validate()`` if it has one."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
-    return from_dict(cls, data)
+    if cls is DistillConfig:
+        try:
+            data = apply_recipe(data)
+        except ValueError as e:  # recipes.py sits below this module and raises plain ValueErrors
+            raise ConfigError(str(e)) from None
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _need(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key} must be {what}, got {value!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_distill(cfg: DistillConfig) -> None:
+    """The checks of ``DistillConfig.validate``: ranges and names of the generic keys (a task checks its own
+    ``task.*`` keys when it is built, also before anything is written)."""
+    _need(cfg.steps >= 1, "steps", cfg.steps, "a number of generator updates >= 1")
+    _need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
+    try:
+        get_divergence(cfg.divergence)
+    except ValueError as e:
+        raise ConfigError(f"config key divergence: {e}") from None
+    _need(cfg.ratio in ("learned", "oracle"), "ratio", cfg.ratio, "'learned' or 'oracle'")
+    if cfg.mixed_precision == "fp16":
+        raise ConfigError("config key mixed_precision=fp16 diverges for this objective (paper); use bf16 or no")
+    _need(cfg.mixed_precision in ("auto", "no", "bf16"), "mixed_precision", cfg.mixed_precision,
+          "auto, no or bf16")
+    _need(all(_finite(d) and 0 <= d < 1 for d in cfg.ema), "ema", cfg.ema,
+          "a list of EMA decays in [0, 1), e.g. [0.999] ([] for none)")
+    _need(len(set(cfg.ema)) == len(cfg.ema), "ema", cfg.ema, "a list of distinct decays")
+    o = cfg.optim
+    _need(_finite(o.lr_gen) and o.lr_gen > 0, "optim.lr_gen", o.lr_gen, "a learning rate > 0")
+    _need(o.lr_critic is None or (_finite(o.lr_critic) and o.lr_critic > 0), "optim.lr_critic", o.lr_critic,
+          "a learning rate > 0 (or null: optim.lr_gen)")
+    _need(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+          "two AdamW decays in [0, 1), e.g. [0.9, 0.999]")
+    _need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _need(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0: no clipping)")
+    _need(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, ">= 1")
+    _need(o.nonfinite_streak >= 1, "optim.nonfinite_streak", o.nonfinite_streak, ">= 1")
+    s = cfg.schedule
+    _need(s.critic_per_gen >= 1, "schedule.critic_per_gen", s.critic_per_gen, ">= 1")
+    _need(s.scheme in ("dmd2", "fastgen"), "schedule.scheme", s.scheme, "dmd2 or fastgen")
+    _need(s.critic_warmup >= 0, "schedule.critic_warmup", s.critic_warmup, ">= 0")
+    _need(s.ema_every in ("generator", "iteration"), "schedule.ema_every", s.ema_every, "generator or iteration")
+    _need(cfg.gen_cond in ("random", "real"), "gen_cond", cfg.gen_cond, "random or real")
+    n = cfg.noise
+    _need(n.grid in ("edm", "continuous", "vp", "flow"), "noise.grid", n.grid, "edm, continuous, vp or flow (flow-matching teachers)")
+    _need(n.num_levels >= 2, "noise.num_levels", n.num_levels, ">= 2")
+    _need(_finite(n.sigma_min) and n.sigma_min > 0, "noise.sigma_min", n.sigma_min, "> 0")
+    _need(_finite(n.sigma_max) and n.sigma_max > n.sigma_min, "noise.sigma_max", n.sigma_max,
+          f"> noise.sigma_min ({n.sigma_min})")
+    _need(0 <= n.dm_index_min <= n.dm_index_max < n.num_levels, "noise.dm_index_min/dm_index_max",
+          [n.dm_index_min, n.dm_index_max], f"0 <= min <= max < noise.num_levels ({n.num_levels})")
+    lg = cfg.log
+    _need(lg.every >= 1, "log.every", lg.every, ">= 1")
+    _need(lg.ckpt_every >= 1, "log.ckpt_every", lg.ckpt_every, ">= 1 (checkpoints are also written at the end)")
+    _need(lg.sample_every >= 0, "log.sample_every", lg.sample_every, ">= 0 (0: only at the end)")
+    _need(lg.keep_ckpts >= 1, "log.keep_ckpts", lg.keep_ckpts, ">= 1")
+    _need(bool(str(cfg.out).strip()), "out", cfg.out, "a run directory")
+    problem = check_trackers(lg.trackers)
+    if problem:
+        raise ConfigError(f"config key log.trackers: {problem}")
 
 
 def dump_yaml(cfg) -> str:

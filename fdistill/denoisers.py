@@ -136,8 +136,10 @@ class EDMPrecondUNet(Denoiser):
         c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
         c_noise = log(sigma) / 4.
 
-    ``cond``: integer class labels [N] (or one-hot [N, C], reduced with argmax), or None for an unconditional net.
-    The UNet may hold bf16 weights (a frozen teacher); inputs are cast to its dtype and x0 returned in float32.
+    ``cond``: integer class labels [N], or label vectors [N, C] as EDM takes them (one-hot, or any vector: the
+    class embedding is linear, so a vector embeds as ``vector @ W``: a one-hot gives its class's row, a zero vector
+    the label-free embedding), or None for an unconditional net. The UNet may hold bf16 weights (a frozen
+    teacher); inputs are cast to its dtype and x0 returned in float32.
     """
 
     def __init__(self, unet: nn.Module, sigma_data: float = 0.5, feature_modules: Sequence[str] = ("mid_block",)):
@@ -150,12 +152,23 @@ class EDMPrecondUNet(Denoiser):
 
     def denoise(self, x_t, sigma, cond=None):
         c_skip, c_out, c_in, c_noise = edm_precond(as_sigma(sigma, x_t), self.sigma_data)
-        labels = cond
-        if labels is not None and labels.ndim == 2:
-            labels = labels.argmax(dim=1)
+        x32 = x_t.float()
         dtype = next(self.unet.parameters()).dtype
-        F_x = self.unet((c_in * x_t).to(dtype), c_noise.to(dtype), class_labels=labels, return_dict=False)[0]
-        return c_skip * x_t.float() + c_out * F_x.float()
+        labels, hook = cond, None
+        embedding = getattr(self.unet, "class_embedding", None)
+        if cond is not None and embedding is not None:
+            if cond.dtype.is_floating_point:  # label vectors: the embedding's linear map applied to them
+                vec = cond.reshape(x_t.shape[0], -1)
+                labels = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
+                hook = embedding.register_forward_hook(lambda mod, inp, out: vec.to(mod.weight.dtype) @ mod.weight)
+            elif cond.ndim == 2:  # integer one-hot rows
+                labels = cond.argmax(dim=1)
+        try:
+            F_x = self.unet((c_in * x32).to(dtype), c_noise.to(dtype), class_labels=labels, return_dict=False)[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        return c_skip * x32 + c_out * F_x.float()
 
 
 class SinusoidalEmbedding(nn.Module):

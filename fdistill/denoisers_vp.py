@@ -2,7 +2,7 @@
 
 The package speaks EDM's variance-exploding form x_t = x0 + sigma * eps. A VP model such as Stable Diffusion's
 ``UNet2DConditionModel`` was trained on x_VP = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at DDPM timesteps t. The two
-are the same process up to a scale (REFERENCE.md s.2):
+are the same process up to a scale (docs/method.md, "Setting"):
 
     sigma_t = sqrt((1 - abar_t) / abar_t),    x_VP = x_t / sqrt(1 + sigma^2),    sqrt(abar_t) = 1 / sqrt(1 + sigma^2)
 
@@ -31,13 +31,14 @@ from .denoisers import Denoiser, as_sigma
 from .noise import vp_sigmas
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+ADDED_COND_KEYS = ("text_embeds", "time_ids")  # SDXL's UNet added conditions (pooled text, size/crop ids)
 
 
 class VPUNetDenoiser(Denoiser):
     """A DDPM-parameterised UNet (epsilon, v or x0 prediction) as an EDM-form denoiser.
 
     ``cond``: a dict of keyword arguments for the UNet, at least ``{"encoder_hidden_states": [N, L, D]}``, or that
-    tensor alone. The UNet may hold bf16 weights (frozen teacher): inputs are cast to its dtype, x0 returned in
+    tensor alone; SDXL's ``text_embeds`` / ``time_ids`` are passed as ``added_cond_kwargs``. The UNet may hold bf16 weights (frozen teacher): inputs are cast to its dtype, x0 returned in
     float32. ``alphas_cumprod``: the teacher scheduler's [T] cumulative alphas (the grid of timesteps).
     """
 
@@ -95,6 +96,11 @@ class VPUNetDenoiser(Denoiser):
         kwargs = dict(cond) if isinstance(cond, dict) else {"encoder_hidden_states": cond}
         dtype = next(self.unet.parameters()).dtype
         kwargs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
+        # SDXL's added conditions travel as flat cond keys (batched and concatenated like any other) and reach
+        # the UNet as its added_cond_kwargs
+        added = {k: kwargs.pop(k) for k in ADDED_COND_KEYS if k in kwargs}
+        if added:
+            kwargs["added_cond_kwargs"] = added
         out = self.unet((scale * x_t.float()).to(dtype), t, return_dict=False, **kwargs)[0].float()
         if self.prediction_type == "epsilon":
             return x_t.float() - s * out
@@ -139,7 +145,8 @@ def _cat(a: Any, b: Any) -> Any:
 
 
 class CFGDenoiser(Denoiser):
-    """Classifier-free guidance in x0 space around a conditional denoiser (REFERENCE.md s.2):
+    """Classifier-free guidance in x0 space around a conditional denoiser (the guided teacher of DMD2 and f-distill);
+    x0 is affine in the predicted noise at fixed x_t, so this equals guidance on eps (or v):
 
         x0 = x0_c + (w - 1) (x0_c - x0_u)
 

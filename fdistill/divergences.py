@@ -1,4 +1,4 @@
-"""The f-divergence registry: the one place divergences live (REFERENCE.md section 1).
+"""The f-divergence registry: the one place divergences live (f-distill, arXiv 2502.15681, Table 1).
 
 Convention (diffusion side, f-distill): D_f(p || q) = E_q[f(p/q)], r = p/q = target over model.
 Every function takes **log r** (a discriminator logit or a log-probability difference), never r itself,
@@ -188,8 +188,14 @@ _REGISTRY: dict[str, tuple[_Fns, _Fns, str]] = {
     "pearson": (_PEARSON, _NEYMAN, "no"),
     "neyman": (_NEYMAN, _PEARSON, "yes"),
 }
-ALIASES = {"rkl": "reverse_kl", "fkl": "forward_kl", "kl": "reverse_kl", "jensen_shannon": "js",
-           "hellinger": "squared_hellinger", "chi2": "pearson"}
+# Short names, among them NVlabs/FastGen's f-distill keys with FastGen's meanings
+# (fastgen/methods/distribution_matching/f_distill.py, all_f_div_weighting_function): there ``kl`` has weight
+# h(r) = r, i.e. forward KL, so a ported FastGen config keeps its divergence.
+ALIASES = {"rkl": "reverse_kl", "fkl": "forward_kl", "kl": "forward_kl", "jensen_shannon": "js",
+           "sf": "softened_rkl", "sh": "squared_hellinger", "hellinger": "squared_hellinger", "jf": "jeffreys"}
+# Names that could mean more than one divergence: refused with the choices rather than guessed.
+AMBIGUOUS = {"chi2": ("pearson", "neyman"), "chi_squared": ("pearson", "neyman"),
+             "kullback_leibler": ("forward_kl", "reverse_kl"), "kld": ("forward_kl", "reverse_kl")}
 #: The divergences of the paper's Table 1.
 PAPER_DIVERGENCES = ("reverse_kl", "softened_rkl", "js", "squared_hellinger", "forward_kl", "jeffreys")
 
@@ -206,6 +212,8 @@ def get_divergence(name: str) -> Divergence:
     if isinstance(name, Divergence):
         return name
     key = str(name).strip().lower()
+    if key in AMBIGUOUS:
+        raise ValueError(f"divergence {name!r} is ambiguous: pass one of " + ", ".join(AMBIGUOUS[key]))
     key = ALIASES.get(key, key)
     if key.startswith("alpha:") or key.startswith("alpha="):
         raw = key.split(":", 1)[1] if ":" in key else key.split("=", 1)[1]

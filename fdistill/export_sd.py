@@ -17,15 +17,24 @@ must be off (guidance_scale <= 1): the student was distilled from a guided teach
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from . import model_card
+from .hub import load_kwargs
+from .weights import backbone_state_dict, checkpoint_meta, resolve_checkpoint, weights_name
+
+SD_USAGE = """from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("FOLDER")
+image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]  # one UNet evaluation"""
 ONE_STEP_SCHEDULER = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
                       "thresholding": False}
 
@@ -43,7 +52,6 @@ def _as_unet(model):
             model = model.backbone
         else:
             break
-    from diffusers import UNet2DConditionModel
     if not isinstance(model, UNet2DConditionModel):
         raise TypeError(f"expected a UNet2DConditionModel (or a generator holding one), got {type(model).__name__}")
     return model
@@ -51,24 +59,17 @@ def _as_unet(model):
 
 def one_step_scheduler(teacher: str, local_files_only: bool = True):
     """The teacher's noise schedule in a DDIM scheduler whose single step returns x0 at timestep 999."""
-    from diffusers import DDIMScheduler
-
     cfg = DDIMScheduler.load_config(teacher, subfolder="scheduler", local_files_only=local_files_only)
     return DDIMScheduler.from_config(cfg, **ONE_STEP_SCHEDULER)
 
 
 def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathLike, *, dtype: torch.dtype | None =
                        None, safety_checker: bool = False, variant: str = "", overwrite: bool = False,
-                       extra_meta: dict | None = None) -> Path:
+                       extra_meta: dict | None = None, config: dict | None = None) -> Path:
     """Write ``out_dir``: the teacher's text encoder, tokenizer and VAE (re-saved), the generator's UNet and the
     one-step DDIM scheduler. ``generator_unet``: a UNet2DConditionModel or a module holding one (our generator,
     its EMA). ``dtype``: save the UNet in this dtype (default: as it is, fp32 after training). The teacher's
     safety checker is copied only with ``safety_checker=True``. Written to a temporary folder, then renamed."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from .pipelines.coco_t2i import load_kwargs
-
     unet = _as_unet(generator_unet)
     out = Path(out_dir)
     if out.exists():
@@ -80,7 +81,7 @@ def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathL
     text_encoder = CLIPTextModel.from_pretrained(teacher_dir, subfolder="text_encoder", **kw)
     tokenizer = CLIPTokenizer.from_pretrained(teacher_dir, subfolder="tokenizer", local_files_only=lfo)
     checker = extractor = None
-    if safety_checker:
+    if safety_checker:  # the checker's classes import only when asked for
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
         checker = StableDiffusionSafetyChecker.from_pretrained(teacher_dir, subfolder="safety_checker", **kw)
@@ -88,7 +89,6 @@ def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathL
                                                        local_files_only=lfo)
     unet_out = unet
     if dtype is not None and next(unet.parameters()).dtype != dtype:
-        import copy
         unet_out = copy.deepcopy(unet).to(dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_out,
                                    scheduler=one_step_scheduler(str(teacher_dir), lfo), safety_checker=checker,
@@ -102,6 +102,7 @@ def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathL
             "usage": "StableDiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, "
                      "guidance_scale=1.0)", **(extra_meta or {})}
     (tmp / "fdistill_export.json").write_text(json.dumps(meta, indent=1))
+    model_card.write(tmp, kind="sd", config=config or {}, meta=meta, usage=SD_USAGE)  # ``config``: the run's
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -112,46 +113,20 @@ def export_sd_pipeline(generator_unet, teacher_dir: str, out_dir: str | os.PathL
 # from a run directory / checkpoint
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    from .checkpoint import latest_checkpoint
-
-    if (path / "meta.json").is_file():
-        return path
-    last = latest_checkpoint(path)
-    if last is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (expected ckpt-<step>/ folders of an fdistill run)")
-    return last
-
-
 def unet_from_checkpoint(ckpt: str | os.PathLike, teacher: str | None = None, which: str = "ema"):
     """The generator's UNet2DConditionModel from a coco_t2i checkpoint (a ckpt-<step> folder or a run directory).
 
-    ``which``: 'ema' (the first EMA, if the run kept one, else the raw generator), 'generator', or a file stem
-    such as 'ema_0.9999'. Returns (unet, checkpoint meta)."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    from .pipelines.coco_t2i import load_kwargs
-
-    folder = _resolve_checkpoint(Path(ckpt))
-    meta = json.loads((folder / "meta.json").read_text())
+    ``which``: 'ema' (the EMA training evaluated: the run's first configured one; the raw generator if it kept
+    none), 'generator', or a file stem such as 'ema_0.9999' (``fdistill.weights``). Returns (unet, checkpoint
+    meta)."""
+    folder = resolve_checkpoint(ckpt)
+    meta = checkpoint_meta(folder)
     cfg = meta.get("config", {})
     teacher = teacher or cfg.get("teacher")
     if not teacher:
-        raise ValueError("the checkpoint does not name its teacher; pass teacher=")
-    if which == "ema":
-        emas = sorted(folder.glob("ema_*.safetensors"))
-        name = emas[0].stem if emas else "generator"
-    else:
-        name = which
-    path = folder / f"{name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; available: {sorted(p.stem for p in folder.glob('*.safetensors'))}")
-    sd = load_file(str(path))
-    marker = "denoiser.backbone."
-    unet_sd = {k.split(marker, 1)[1]: v for k, v in sd.items() if marker in k}
-    if not unet_sd:
-        raise ValueError(f"{path} holds no generator UNet weights (keys like '*{marker}*')")
+        raise ValueError("the checkpoint does not name its teacher; pass teacher= (--teacher DIR)")
+    name = weights_name(folder, which, cfg)
+    unet_sd = backbone_state_dict(folder, name)
     kw = load_kwargs(str(teacher))
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
         teacher, subfolder="unet", local_files_only=kw["local_files_only"]))
@@ -168,29 +143,4 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
     return export_sd_pipeline(unet, teacher or cfg["teacher"], out_dir, extra_meta={
         "source": str(ckpt), "weights": meta["weights"], "gen_step": meta.get("gen_step"),
         "divergence": cfg.get("divergence"), "guidance_scale_teacher": (cfg.get("task") or {}).get("guidance_scale")},
-        **kw)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fdistill export (Stable Diffusion)",
-                                description="Export a coco_t2i run's generator as a StableDiffusionPipeline folder "
-                                            "that samples in one step (num_inference_steps=1, guidance_scale=1).")
-    p.add_argument("checkpoint", help="run directory (newest checkpoint) or a ckpt-<step> folder")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--teacher", default=None, help="teacher folder or hub id (default: the run's config)")
-    p.add_argument("--which", default="ema", help="'ema' (default; the raw generator if no EMA), 'generator', or "
-                                                   "a weights file stem such as ema_0.9999")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    p.add_argument("--safety-checker", action="store_true", help="copy the teacher's safety checker")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    dtype = getattr(torch, a.dtype) if a.dtype else None
-    out = export_from_checkpoint(a.checkpoint, a.out, a.teacher, a.which, dtype=dtype,
-                                 safety_checker=a.safety_checker, overwrite=a.overwrite)
-    print(json.dumps({"out": str(out), "load": "StableDiffusionPipeline.from_pretrained(out)",
-                      "call": "pipe(prompt, num_inference_steps=1, guidance_scale=1.0)"}))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+        config=cfg, **kw)

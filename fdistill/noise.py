@@ -1,10 +1,12 @@
-"""Noise levels: grids, samplers and loss weightings (REFERENCE.md section 4).
+"""Noise levels: grids, samplers and loss weightings (f-distill, arXiv 2502.15681, s.4 and App. C).
 
 Everything in the package speaks EDM's variance-exploding form, x_t = x0 + sigma * eps. A schedule knows
  - the sigmas of the distribution-matching term (``sample_dm``): an index range of a discrete grid
    (EDM Karras grid, or a DDPM/VP grid mapped to sigma) or a continuous log-uniform range,
  - the sigmas of the fake-score denoising loss (``sample_denoise``): the whole grid,
- - sigma_max, where the one-step generator starts.
+ - sigma_max, where the one-step generator starts,
+ - the scheduler's time t of a sigma and its whole range (``time_of``, ``t_range``): what FastGen's ratio bins
+   are linear in (EDM: t = sigma; a DDPM/VP grid: t = timestep / T in [0, (T-1)/T]).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class NoiseSchedule:
     sigma_max: float = 80.0
     # Where the generator starts; defaults to the largest sigma of the grid.
     generator_sigma: float | None = None
+    # The scheduler's time t: 'sigma' (EDM, t = sigma) or 'index' (DDPM/VP grid, t = index / len(grid)).
+    time: str = "sigma"
 
     def __post_init__(self):
         if self.sigmas is not None:
@@ -57,6 +61,8 @@ class NoiseSchedule:
                 raise ValueError(f"dm_index_range {self.dm_index_range} must lie in [0, {n - 1}] for a grid of {n}")
             self.sigma_min = float(self.sigmas[0])
             self.sigma_max = float(self.sigmas[-1])
+        if self.time not in ("sigma", "index") or (self.time == "index" and self.sigmas is None):
+            raise ValueError(f"time must be 'sigma', or 'index' for a grid, got {self.time!r}")
         if self.generator_sigma is None:
             self.generator_sigma = self.sigma_max
         self._grid_on: dict = {}  # the grid per device: copied once, not on every draw (a host-device copy)
@@ -82,6 +88,27 @@ class NoiseSchedule:
             return self.sigma_min, self.sigma_max
         lo, hi = self.dm_index_range
         return float(self.sigmas[lo]), float(self.sigmas[hi])
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        """The scheduler's whole time range: EDM [sigma_min, sigma_max]; a VP grid of T levels [0, (T-1)/T]."""
+        if self.time == "index":
+            n = len(self.sigmas)
+            return 0.0, (n - 1) / n
+        return self.sigma_min, self.sigma_max
+
+    def ratio_bin_range(self, bin_spacing: str) -> tuple[float, float]:
+        """Where the ratio normaliser's bins live: FastGen's 'linear' bins span the scheduler's whole time range,
+        the 'log_sigma' bins the distribution-matching sigma range."""
+        return self.t_range if bin_spacing == "linear" else self.dm_sigma_range
+
+    def time_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The scheduler's time t of each sigma: sigma itself, or the nearest grid index / T on a VP grid."""
+        if self.time == "sigma":
+            return sigma
+        grid = self._grid(sigma.device).log()
+        idx = (grid[None, :] - sigma.float().log().reshape(-1, 1)).abs().argmin(dim=1)
+        return idx.double() / len(self.sigmas)
 
     def _loguniform(self, n, lo, hi, generator, device):
         u = torch.rand(n, generator=generator, device=device)

@@ -1,4 +1,4 @@
-"""FDistill: the generator loss and the critic loss of f-distill (Xu, Nie, Vahdat 2025; REFERENCE.md s.2-3).
+"""FDistill: the generator loss and the critic loss of f-distill (Xu, Nie, Vahdat 2025, arXiv 2502.15681, s.3-4).
 
 Generator iteration (one generator forward+backward, one teacher forward, one fake-score forward):
 
@@ -15,9 +15,12 @@ Since x0_fake - x0_real = sigma^2 (grad log q_t - grad log p_t), the first term'
 positive per-sample factor sigma^2 / mean|x - x0_real|, -h(r) (grad log p_t - grad log q_t) dx_t/dtheta:
 the gradient of D_f(p_t || q_t) (paper, Theorem 1). With h = 1 it is DMD's.
 
-Critic iteration: the fake score learns the generator's distribution by denoising (EDM weighting), the
-discriminator head learns log(p_t/q_t) with the non-saturating logistic loss on real data (noised at an
-independently drawn sigma) versus generated data.
+Critic iteration: the fake score learns the generator's distribution by denoising, the discriminator head learns
+log(p_t/q_t) with the non-saturating logistic loss on real data (noised at an independently drawn sigma) versus
+generated data. Two recipes (``recipe`` in the config): DMD2's denoises over the whole grid with EDM weighting (or
+SD's epsilon MSE) and shows the discriminator generated data at a fresh draw; FastGen's (the authors' code,
+fastgen/methods/distribution_matching/dmd2.py, ``_fake_score_discriminator_update_step``) denoises with an
+unweighted x0 MSE at the distribution-matching noise levels and shows the discriminator that same noised batch.
 """
 
 from __future__ import annotations
@@ -50,10 +53,17 @@ class ObjectiveConfig:
     """R1 penalty on real data, gamma/2 * |grad_x logit|^2 (paper: 1 CIFAR-10 / SD, 0 ImageNet-64)."""
     dmd_normalize: bool = True
     """Divide the score difference by mean |x - x0_real| per sample (DMD's normaliser)."""
+    dmd_eps: float = 0.0
+    """Added to that divisor (FastGen's variational_score_distillation_loss: 1e-6; DMD2: none)."""
     sigma_data: float = 0.5
     """EDM's sigma_data in the fake score's loss weighting 1/sigma^2 + 1/sigma_data^2."""
     denoise_loss: str = "edm"
-    """'edm': x0 MSE with EDM weighting. 'eps': epsilon MSE (what SD's teacher was trained with)."""
+    """Fake score's loss. 'edm': x0 MSE with EDM weighting over the whole grid (DMD2, EDM teacher). 'eps':
+    epsilon MSE over the whole grid (DMD2, SD). 'x0': unweighted x0 MSE at noise levels drawn like the
+    distribution-matching term's (FastGen, both teachers)."""
+    disc_fake_noise: str = "independent"
+    """Noised generated batch the discriminator sees: 'independent' (its own sigma and eps, DMD2) or 'denoise'
+    (the fake-score loss's own sigma and eps, FastGen)."""
     log_bins: bool = True
     """Log the discriminator's accuracy and mean logits, and the weights' ESS, per noise-level bin (the ratio
     normaliser's bins): ``disc_acc_binK``, ``logit_real_binK``, ``logit_fake_binK``, ``h_ess_binK``."""
@@ -76,14 +86,14 @@ def _per_sample_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_score_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, h: torch.Tensor,
-                        dmd_normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        dmd_normalize: bool = True, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * mean (x - sg(x - g))^2 with g = h (x0_fake - x0_real) / mean|x - x0_real|; returns (loss, g)."""
     with torch.no_grad():
         diff = (x0_fake - x0_real).float()
         hv = h.reshape(-1, *([1] * (x.ndim - 1))).float()
         g = hv * diff
         if dmd_normalize:
-            denom = (x.detach().float() - x0_real.float()).abs().reshape(x.shape[0], -1).mean(1)
+            denom = (x.detach().float() - x0_real.float()).abs().reshape(x.shape[0], -1).mean(1) + eps
             g = g / denom.reshape(-1, *([1] * (x.ndim - 1)))
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         target = x.detach().float() - g
@@ -111,6 +121,11 @@ class FDistill(nn.Module):
         self.use_oracle_weights = use_oracle_weights
         if cfg.disc_features not in ("teacher", "fake"):
             raise ValueError(f"objective.disc_features must be 'teacher' or 'fake', got {cfg.disc_features!r}")
+        if cfg.denoise_loss not in ("edm", "eps", "x0"):
+            raise ValueError(f"objective.denoise_loss must be 'edm', 'eps' or 'x0', got {cfg.denoise_loss!r}")
+        if cfg.disc_fake_noise not in ("independent", "denoise"):
+            raise ValueError("objective.disc_fake_noise must be 'independent' or 'denoise', "
+                             f"got {cfg.disc_fake_noise!r}")
 
     def _noise(self, x, sigma, rng):
         eps = torch.randn(x.shape, generator=rng, device=x.device, dtype=torch.float32)
@@ -138,8 +153,10 @@ class FDistill(nn.Module):
             with torch.no_grad():
                 oracle = self.oracle_log_ratio(x_t.detach(), sigma, cond).float()
         log_r = oracle if (self.use_oracle_weights and oracle is not None) else logit.detach()
-        h, stats = self.ratio(log_r, sigma, self.divergence, update=True)
-        loss_dm, g = weighted_score_loss(x, x0_real.detach(), x0_fake.detach(), h, cfg.dmd_normalize)
+        # FastGen's linear bins live in the scheduler's time t (EDM: sigma; SD: timestep / 1000)
+        bin_t = self.schedule.time_of(sigma) if getattr(self.ratio, "linear", False) else sigma
+        h, stats = self.ratio(log_r, bin_t, self.divergence, update=True)
+        loss_dm, g = weighted_score_loss(x, x0_real.detach(), x0_fake.detach(), h, cfg.dmd_normalize, cfg.dmd_eps)
         loss_gan = F.softplus(-logit).mean()
         loss = loss_dm + cfg.gan_weight * loss_gan
         logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
@@ -162,12 +179,17 @@ class FDistill(nn.Module):
         with torch.no_grad():
             x = self.generator(z, cond).float()
         n, m = x.shape[0], x_real.shape[0]
-        sigma_dn = self.schedule.sample_denoise(n, rng, x.device)
+        if cfg.denoise_loss == "x0":
+            sigma_dn = self.schedule.sample_dm(n, rng, x.device)
+        else:
+            sigma_dn = self.schedule.sample_denoise(n, rng, x.device)
         x_t_dn, eps = self._noise(x, sigma_dn, rng)
-        # the discriminator sees generated and real samples at independently drawn sigmas of the DM range
-        sigma_f = self.schedule.sample_dm(n, rng, x.device)
+        # the discriminator sees real samples at an independent draw from the DM range; generated ones at
+        # another independent draw (DMD2) or at the denoising batch's own (FastGen)
+        shared = cfg.disc_fake_noise == "denoise"
+        sigma_f = sigma_dn if shared else self.schedule.sample_dm(n, rng, x.device)
         sigma_r = self.schedule.sample_dm(m, rng, x.device)
-        x_t_f, _ = self._noise(x, sigma_f, rng)
+        x_t_f = x_t_dn if shared else self._noise(x, sigma_f, rng)[0]
         x_t_r, _ = self._noise(x_real.float(), sigma_r, rng)
         if cfg.r1_gamma > 0:
             x_t_r.requires_grad_(True)
@@ -195,6 +217,8 @@ class FDistill(nn.Module):
         if cfg.denoise_loss == "edm":
             w = edm_loss_weight(as_sigma(sigma_dn, x), cfg.sigma_data)
             loss_dn = (w * (x0.float() - x) ** 2).mean()
+        elif cfg.denoise_loss == "x0":  # FastGen: F.mse_loss(x0, x0_hat), no weighting
+            loss_dn = ((x0.float() - x) ** 2).mean()
         else:  # epsilon MSE: eps_hat = (x_t - x0_hat) / sigma
             s = as_sigma(sigma_dn, x)
             loss_dn = (((x_t_dn - x0.float()) / s - eps) ** 2).mean()

@@ -29,9 +29,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint as ckpt
-from .config import DistillConfig, dump_yaml, to_dict
+from .config import ConfigError, DistillConfig, dump_yaml, to_dict
 from .divergences import get_divergence
+from .errors import RunInterrupted, TrainingDiverged
 from .generator import unwrap
+from . import tracking
 from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
 from .ratio import RatioNormalizer
 
@@ -52,6 +54,14 @@ def _mixed_precision(cfg: DistillConfig) -> str:
     return mp
 
 
+def _check_recipe_keys(cfg: DistillConfig) -> None:
+    """The recipe rows' values the trainer reads itself (the others are checked where they are used)."""
+    if cfg.schedule.ema_every not in ("generator", "iteration"):
+        raise ValueError(f"schedule.ema_every must be 'generator' or 'iteration', got {cfg.schedule.ema_every!r}")
+    if cfg.gen_cond not in ("random", "real"):
+        raise ValueError(f"gen_cond must be 'random' or 'real', got {cfg.gen_cond!r}")
+
+
 def _with_defaults(saved: dict, defaults: dict) -> dict:
     """A saved config with the fields added since it was written at their defaults (which leave the run as it
     was), so that a new field does not make every older run directory unresumable."""
@@ -65,15 +75,54 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
 
 
 def _check_resume_config(run_dir: Path, cfg: DistillConfig):
+    """Refuse to resume a run with a different config, or with ``steps`` below the step it has reached. A run
+    directory without a checkpoint holds no run to protect (e.g. a start that failed): its config is replaced."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ConfigError(f"out={run_dir} is a file, not a run directory; choose another out=DIR")
     saved = run_dir / "config.json"
-    if not saved.is_file():
+    if not saved.is_file() or ckpt.latest_checkpoint(run_dir) is None:
         return
     old = _with_defaults(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(DistillConfig()))))
     new = json.loads(json.dumps(to_dict(cfg)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
     if diff:
-        raise ValueError(f"{run_dir} holds a run with a different config (keys {diff}); resume it with the same "
-                         "settings, or choose another out=DIR")
+        raise ConfigError(f"{run_dir} holds a run with a different config (keys {diff}); resume it with the same "
+                          "settings, or choose another out=DIR")
+    try:
+        reached = json.loads((ckpt.latest_checkpoint(run_dir) / "meta.json").read_text())["gen_step"]
+    except (OSError, ValueError, KeyError):
+        return  # a damaged checkpoint: resuming reports it
+    if cfg.steps < reached:
+        raise ConfigError(f"steps={cfg.steps} is below the step {run_dir} has reached ({reached}); a run cannot "
+                          f"go back: set steps >= {reached}, or choose another out=DIR")
+
+
+class NonFiniteGuard:
+    """Decides whether an update may step: its gradient norm (global over processes, hence the same decision
+    everywhere) must be finite, which a non-finite loss also breaks. A skipped update is counted in
+    ``state['skipped_updates']``; ``streak`` skips in a row raise TrainingDiverged naming the step. One
+    host-device sync per update (as a gradient scaler's)."""
+
+    def __init__(self, cfg: DistillConfig, state: dict):
+        self.cfg, self.state, self.runs = cfg, state, {}
+
+    def ok(self, what: str, *norms: torch.Tensor) -> bool:
+        """``what``: which update ('a critic update', 'a generator update'); streaks are counted per kind, as
+        a diverged critic can sit beside a generator whose gradients vanish."""
+        if bool(torch.isfinite(torch.stack([n.detach().float().reshape(()) for n in norms])).all()):
+            self.runs[what] = 0
+            return True
+        self.state["skipped_updates"] = self.state.get("skipped_updates", 0) + 1
+        self.runs[what] = self.run = self.runs.get(what, 0) + 1
+        if self.run >= self.cfg.optim.nonfinite_streak:
+            o = self.cfg.optim
+            raise TrainingDiverged(
+                f"training diverged at generator step {self.state['gen_step']} (iteration {self.state['iteration']}):"
+                f" {self.run} updates in a row ({what} the last) had a non-finite loss or gradient and were skipped."
+                f" Likely cause: learning rates too high (optim.lr_gen={o.lr_gen:g}, optim.lr_critic="
+                f"{o.lr_critic if o.lr_critic is not None else o.lr_gen:g}) or no gradient clipping (optim.grad_clip="
+                f"{o.grad_clip:g}). The checkpoints on disk are finite; lower them and start a new run (out=...)")
+        return False
 
 
 def _is_fsdp(accelerator) -> bool:
@@ -189,13 +238,14 @@ def _prepare(accelerator, net, opt):
         plugin.transformer_cls_names_to_wrap = classes
 
 
-def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
+def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> torch.Tensor:
     """Backpropagate ``micro_loss()`` (draws a micro-batch, returns its loss) ``n_micro`` times, each loss
     scaled by 1/n_micro, so the gradients are those of the mean over all micro-batches. The networks
     that get gradients (``nets``, prepared) synchronise across processes only in the last backward: DDP's
     and FSDP1's no_sync, FSDP2's set_requires_gradient_sync, through ``accelerator.no_sync``. (Not
     ``accelerator.accumulate``: it counts one global step, and here the critic's and the generator's
-    optimizers step on their own cadences.)"""
+    optimizers step on their own cadences.) Returns the mean loss, detached."""
+    total = 0.0
     for i in range(n_micro):
         with contextlib.ExitStack() as stack:
             if i < n_micro - 1:
@@ -203,6 +253,8 @@ def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
                     stack.enter_context(accelerator.no_sync(net))
             loss = micro_loss()
             accelerator.backward(loss / n_micro if n_micro > 1 else loss)
+            total = total + loss.detach().float() / n_micro
+    return total
 
 
 def _check_fsdp(accelerator, cfg: DistillConfig, task) -> None:
@@ -349,6 +401,21 @@ def per_bin_means(means: dict) -> dict:
 
 
 def distill(cfg: DistillConfig) -> dict:
+    """Train (or resume) the run ``cfg.out``. Holds the directory's lock while it runs; Ctrl-C becomes
+    RunInterrupted naming the step reached."""
+    state: dict = {}
+    try:
+        return _distill(cfg, state)
+    except KeyboardInterrupt:
+        last = ckpt.latest_checkpoint(Path(cfg.out))
+        raise RunInterrupted(f"interrupted at generator step {state.get('gen_step', 0)}; rerun the same command to "
+                             "resume" + (f" (from {last.name})" if last is not None else "")) from None
+    finally:
+        ckpt.release_run_lock(Path(cfg.out))
+
+
+def _distill(cfg: DistillConfig, state: dict) -> dict:
+    """The body of ``distill``; ``state`` (empty) receives the counters as the run goes."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -357,26 +424,29 @@ def distill(cfg: DistillConfig) -> dict:
     run_dir = Path(cfg.out)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective.disc_features == "fake")
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp_kwargs])
+                              kwargs_handlers=[ddp_kwargs], **tracking.accelerator_kwargs(cfg.log.trackers, run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     _check_resume_config(run_dir, cfg)  # read-only: a mismatched run directory is refused before anything runs
+    _check_recipe_keys(cfg)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     # Same initial weights on every process (DDP also broadcasts them); then per-process noise streams.
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
     _check_fsdp(accelerator, cfg, task)
-    if is_main:
+    if cfg.ratio == "oracle" and task.oracle_log_ratio is None:
+        raise ConfigError(f"ratio=oracle needs a task with an exact density ratio (toy2d); {cfg.pipeline} has none")
+    divergence = get_divergence(cfg.divergence)
+    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing)).to(device)
+    if is_main:  # every check has passed: the first write
+        ckpt.acquire_run_lock(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     accelerator.wait_for_everyone()
-    divergence = get_divergence(cfg.divergence)
-    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range).to(device)
-    if cfg.ratio not in ("learned", "oracle"):
-        raise ValueError(f"ratio must be 'learned' or 'oracle', got {cfg.ratio!r}")
-    if cfg.ratio == "oracle" and task.oracle_log_ratio is None:
-        raise ValueError(f"ratio=oracle needs a task with an exact density ratio (toy2d); {cfg.pipeline} has none")
 
     generator, fake_score, disc = task.generator.to(device), task.fake_score.to(device), task.discriminator.to(device)
     teacher = task.teacher.to(device)
@@ -404,8 +474,8 @@ def distill(cfg: DistillConfig) -> dict:
             for d in cfg.ema}
     evaluator = Evaluator(accelerator, task, generator, run_dir)  # under FSDP it keeps a plain copy: before wrapping
 
-    state = {"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world}
-    last = ckpt.latest_checkpoint(run_dir)
+    state.update({"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world, "skipped_updates": 0})
+    last = ckpt.latest_verified_checkpoint(run_dir, world, warn=None if is_main else lambda m: None)  # stderr
     if last is not None:
         # Weights go into the plain modules before accelerate wraps (and under FSDP shards) them; the optimizer
         # states and random streams after, once the optimizers hold the prepared parameters.
@@ -414,6 +484,7 @@ def distill(cfg: DistillConfig) -> dict:
                         **emas}.items():
             ckpt.load_module(m, last / f"{name}.safetensors")
         state.update({k: meta[k] for k in ("iteration", "gen_step", "images_seen")})
+        state["skipped_updates"] = meta.get("skipped_updates", 0)
 
     # parameter names in the optimizers' order, before any wrapper renames them (FSDP gathers states by name)
     names = {key: [n for n, _ in net.named_parameters()]
@@ -434,12 +505,18 @@ def distill(cfg: DistillConfig) -> dict:
         load_optimizer_states(accelerator, optim_parts, last)
         ckpt.load_rng(last, rank, rng)
         accelerator.print(f"resumed from {last} at generator step {state['gen_step']}")
+        if is_main:
+            ckpt.truncate_metrics(run_dir / "metrics.jsonl", state["gen_step"])
 
     B, k = cfg.batch_size, max(1, cfg.schedule.critic_per_gen)
     if cfg.schedule.scheme not in ("dmd2", "fastgen"):
         raise ValueError(f"schedule.scheme must be dmd2 or fastgen, got {cfg.schedule.scheme!r}")
+    per_iteration_ema = cfg.schedule.ema_every == "iteration"
     log_buf: dict[str, list[torch.Tensor]] = {}
     metrics_path = run_dir / "metrics.jsonl"
+    trackers = cfg.log.trackers
+    tracking.start(accelerator, trackers, run_dir, to_dict(cfg), state["gen_step"])
+    guard = NonFiniteGuard(cfg, state)
     chance_rows = 0  # consecutive logged rows with the discriminator at chance
 
     def record(logs):
@@ -448,8 +525,12 @@ def distill(cfg: DistillConfig) -> dict:
 
     def critic_micro():
         z = unwrap(generator).sample_latents(B, rng, device)
-        cond = task.sample_cond(B, rng, device)
-        x_real, cond_real = task.sample_real(B, rng, device)
+        if cfg.gen_cond == "real":  # FastGen: the generated batch takes the real batch's labels / captions
+            x_real, cond_real = task.sample_real(B, rng, device)
+            cond = cond_real
+        else:
+            cond = task.sample_cond(B, rng, device)
+            x_real, cond_real = task.sample_real(B, rng, device)
         with accelerator.autocast():
             loss, logs = objective.critic_loss(z, cond, x_real, cond_real, rng)
         record(logs)
@@ -457,7 +538,7 @@ def distill(cfg: DistillConfig) -> dict:
 
     def generator_micro():
         z = unwrap(generator).sample_latents(B, rng, device)
-        cond = task.sample_cond(B, rng, device)
+        cond = task.sample_real(B, rng, device)[1] if cfg.gen_cond == "real" else task.sample_cond(B, rng, device)
         with accelerator.autocast():
             loss, logs = objective.generator_loss(z, cond, rng)
         record(logs)
@@ -467,19 +548,25 @@ def distill(cfg: DistillConfig) -> dict:
         opt_f.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         accumulate_gradients(accelerator, nets.values(), A, critic_micro)
-        record({"grad_norm_fake": _grad_norm(accelerator, fake_score, o.grad_clip),
-                "grad_norm_disc": _grad_norm(accelerator, disc, o.grad_clip)})
-        opt_f.step()
-        opt_d.step()
+        clip_c = o.grad_clip if o.clip_critic else 0.0  # FastGen clips the generator only
+        norms = {"grad_norm_fake": _grad_norm(accelerator, fake_score, clip_c),
+                 "grad_norm_disc": _grad_norm(accelerator, disc, clip_c)}
+        record(norms)
+        if guard.ok("a critic update", *norms.values()):
+            opt_f.step()
+            opt_d.step()
 
     def generator_update():
         opt_g.zero_grad(set_to_none=True)
         # the discriminator (and with disc_features=fake the fake score) gets gradients here too; they are
         # dropped by the critic's zero_grad, but their synchronisation is held back as well
         accumulate_gradients(accelerator, nets.values(), A, generator_micro)
-        record({"grad_norm_gen": _grad_norm(accelerator, generator, o.grad_clip)})
-        opt_g.step()
-        update_emas(accelerator, emas, generator)
+        norm = _grad_norm(accelerator, generator, o.grad_clip)
+        record({"grad_norm_gen": norm})
+        if guard.ok("a generator update", norm):
+            opt_g.step()
+            if cfg.schedule.ema_every == "generator":
+                update_emas(accelerator, emas, generator)
 
     # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
     spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
@@ -508,6 +595,8 @@ def distill(cfg: DistillConfig) -> dict:
         if it < 0:
             critic_update()
             state["iteration"] += 1
+            if per_iteration_ema:
+                update_emas(accelerator, emas, generator)
             continue
         if cfg.schedule.scheme == "dmd2":
             do_critic, do_gen = True, it % k == 0
@@ -521,6 +610,8 @@ def distill(cfg: DistillConfig) -> dict:
             state["gen_step"] += 1
             state["images_seen"] += B * world * A
         state["iteration"] += 1
+        if per_iteration_ema:  # FastGen's EMA callback: every iteration, critic-only ones too
+            update_emas(accelerator, emas, generator)
         if not do_gen:
             continue
         step = state["gen_step"]
@@ -531,6 +622,7 @@ def distill(cfg: DistillConfig) -> dict:
             vals = accelerator.reduce(torch.stack([means[key] for key in keys]).to(device), "mean").tolist()
             log_buf.clear()
             row = {"step": step, "kimg": state["images_seen"] / 1000, "time": round(time.time() - t0, 3),
+                   "skipped_updates": state["skipped_updates"],
                    **per_bin_means(dict(zip(keys, vals)))}
             acc = row.get("disc_acc")
             at_chance = acc is not None and abs(acc - 0.5) < cfg.log.chance_margin
@@ -539,6 +631,7 @@ def distill(cfg: DistillConfig) -> dict:
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                tracking.log_scalars(accelerator, trackers, row, step)
                 if warn and chance_rows == cfg.log.chance_warn_rows:  # once per stretch at chance
                     msg = (f"warning: discriminator at chance (disc_acc {acc:.3f}) for {chance_rows} logged rows "
                            f"up to step {step}: f-weighting inactive (h ~ 1) and the GAN term uninformative")
@@ -552,7 +645,9 @@ def distill(cfg: DistillConfig) -> dict:
         if pbar is not None:
             pbar.update(1)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0 and task.evaluate is not None:
+            t_eval = time.time()
             evaluator(nets, final=False, step=step)
+            tracking.log_newest_grid(accelerator, trackers, run_dir, step, t_eval)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
         if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
@@ -567,9 +662,10 @@ def distill(cfg: DistillConfig) -> dict:
         sd = _full_state_dict(generator) if _is_fsdp(accelerator) else unwrap(generator).state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
                   str(run_dir / f"rank{rank}_generator.safetensors"))
+    ran = state["gen_step"] - steps_at_t0  # 0 when resumed at the end: no speed to report
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
-              "sec_per_gen_step": elapsed / max(1, state["gen_step"] - steps_at_t0)}
-    metrics = None
+              "sec_per_gen_step": elapsed / ran if ran > 0 else None, "skipped_updates": state["skipped_updates"]}
+    metrics, t_eval = None, time.time()
     if task.evaluate is not None:  # the (first) EMA if the run keeps one
         metrics = evaluator(nets, next(iter(emas.values())).module if emas else None, final=True,
                             step=state["gen_step"])
@@ -579,6 +675,8 @@ def distill(cfg: DistillConfig) -> dict:
         result["divergence"] = divergence.name
         result["ratio"] = cfg.ratio
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        tracking.log_scalars(accelerator, trackers, metrics, state["gen_step"], prefix="eval/")
+        tracking.log_newest_grid(accelerator, trackers, run_dir, state["gen_step"], t_eval)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

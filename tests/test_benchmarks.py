@@ -106,7 +106,9 @@ def test_step_benchmark_fullsize_code_paths_at_toy_width(tmp_path, config):
     """What benchmarks/gpu.sh runs, at toy widths on the CPU (ADM blocks; SD with CFG, R1 and checkpointing)."""
     name, *split = config.split("-", 1)
     r, _ = _run("step.py", "--config", name, "--tiny", "--batch", "2", "--iters", "1", "--warmup", "1",
-                "--repeats", "1", *(["--cfg-split"] if split else []), tmp_path=tmp_path, name=config)
+                "--repeats", "1", *(["--cfg-split"] if split else []),
+                *(["objective.r1_gamma=1.0"] if name == "sd15" else []),  # the R1 path (recipe fastgen: gamma 0)
+                tmp_path=tmp_path, name=config)
     assert r["complete"] and r["config"] == f"{name}-tiny"
     if name == "sd15":
         g = r["calls_per_iter"]["generator"]

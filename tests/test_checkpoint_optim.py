@@ -132,6 +132,8 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path):
     saved = to_dict(DistillConfig())
     del saved["optim"]["grad_accum"]  # as written before optim.grad_accum was added
     (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "ckpt-00000001").mkdir()  # a run with a checkpoint: one to protect
+    (tmp_path / "ckpt-00000001" / "meta.json").write_text(json.dumps({"gen_step": 1}))
     _check_resume_config(tmp_path, DistillConfig())  # the new field at its default: same run
     cfg = DistillConfig()
     cfg.optim.grad_accum = 2

@@ -11,7 +11,7 @@ from fdistill.discriminator import ConvHead, _groups
 from fdistill.divergences import get_divergence
 from fdistill.objective import FDistill, binned_stats
 from fdistill.ratio import RatioNormalizer
-from fdistill.pipelines.mnist_demo import CONFIG
+from fdistill.commands.demo import CONFIG
 
 
 @pytest.mark.parametrize("channels", [16, 32, 48, 64, 96, 128, 768, 1280])

@@ -2,13 +2,12 @@
 full-size ADM smoke test (``-m fullsize``).
 
 The tiny teacher is a real EDM-format ADM pickle (8x8, 128 channels, 10 classes; the smallest ADM the converter
-maps) written with tests/test_convert_edm.py's builder and converted by ``fdistill convert-edm``; the data is a
+maps) written with tests/edm_reference.py's builder and converted by ``fdistill convert-edm``; the data is a
 tiny EDM dataset zip. Together they stand in for edm-imagenet-64x64-cond-adm.pkl and imagenet-64x64.zip.
 """
 
 import io
 import json
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -19,16 +18,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_convert_edm import edm_precond, write_edm_pickle  # noqa: E402
+from edm_reference import edm_precond, write_edm_pickle
 
-from fdistill.cli import main as cli  # noqa: E402
-from fdistill.config import load_config  # noqa: E402
+from fdistill.cli import main as cli
+from fdistill.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 JS = CONFIGS / "imagenet64_js.yaml"
-TINY = ["task.resolution=8", "task.num_classes=10", "task.grid_samples=8", "task.loader_threads=2"]
+# The tiny ADM has two levels (8x8, 4x4): its last encoder block is down_blocks.1 (ImageNet-64's: down_blocks.3).
+TINY = ["task.resolution=8", "task.num_classes=10", "task.grid_samples=8", "task.loader_threads=2",
+        "task.feature_modules=[down_blocks.1]"]
 
 
 def write_edm_zip(path, n=16, res=8, num_classes=10, channels=3, seed=0, labels=True):
@@ -105,9 +105,19 @@ def test_recipe_values_match_the_paper():
     assert (r.logit_clamp, r.r_min, r.r_max, r.num_bins, r.bin_ema) == (10, 0.1, 20, 10, 0.5)
     n = c.noise
     assert (n.grid, n.num_levels, n.sigma_min, n.sigma_max, n.rho) == ("edm", 1000, 0.002, 80, 7)
-    assert c.mixed_precision in ("auto", "bf16")
-    assert c.task["feature_modules"] == ["mid_block"] and c.task["resolution"] == 64
-    assert c.task["num_classes"] == 1000
+    assert c.task["resolution"] == 64 and c.task["num_classes"] == 1000
+    # the authors' recipe (NVlabs/FastGen config_f_distill_in64.py and the code around it)
+    assert c.recipe == "fastgen" and r.bin_spacing == "linear" and (n.dm_index_min, n.dm_index_max) == (2, 998)
+    assert (c.objective.denoise_loss, c.objective.disc_fake_noise) == ("x0", "denoise")
+    assert (c.schedule.scheme, c.schedule.ema_every, c.optim.clip_critic) == ("fastgen", "iteration", False)
+    assert c.ema == [0.9999, 0.99995, 0.9996] and c.gen_cond == "real" and c.steps == 600000 // 5
+    assert (c.mixed_precision, c.allow_tf32) == ("no", True)
+    assert c.task["feature_modules"] == ["down_blocks.3"]  # EDM's enc.8x8_block2 after conversion
+    # recipe=dmd2 gives DMD2's rows back; an explicit key beats the recipe
+    d = _cfg(JS, "recipe=dmd2", "noise.dm_index_max=900")
+    assert (d.noise.dm_index_min, d.noise.dm_index_max, d.ratio_norm.bin_spacing) == (20, 900, "log_sigma")
+    assert (d.objective.denoise_loss, d.schedule.scheme, d.schedule.ema_every) == ("edm", "dmd2", "generator")
+    assert (d.mixed_precision, d.task["feature_modules"], d.steps) == ("auto", ["mid_block"], 76000)
 
 
 def test_divergence_configs_differ_only_in_divergence_and_out():
@@ -123,8 +133,9 @@ def test_finetune_config_is_stage1_at_5e_7_from_its_checkpoint():
     base = yaml.safe_load(JS.read_text())
     ft = yaml.safe_load((CONFIGS / "imagenet64_js_finetune.yaml").read_text())
     assert ft["optim"]["lr_gen"] == 5e-7 and ft["task"]["init_from"] == base["out"]
-    keep = ("out", "steps", "optim.lr_gen", "log.sample_every", "task.init_from")
-    assert _strip(ft, *keep) == _strip(base, *keep)
+    keep = ("out", "optim.lr_gen", "log.sample_every", "task.init_from")
+    assert ft["steps"] == 20000 and "steps" not in base  # stage 1 runs the recipe's length
+    assert _strip(ft, *keep, "steps") == _strip(base, *keep)
     load_config(CONFIGS / "imagenet64_js_finetune.yaml")
 
 
@@ -143,8 +154,8 @@ def test_distill_end_to_end(tiny, stage1):
     ckpt = out / "ckpt-00000002"
     assert (ckpt / "meta.json").is_file()
     meta = json.loads((ckpt / "meta.json").read_text())
-    # dmd2 scheme, 5 critic updates per generator update: iterations 0..5 for 2 generator steps
-    assert meta["gen_step"] == 2 and meta["iteration"] == 6 and meta["images_seen"] == 4
+    # fastgen scheme, 4 critic-only iterations then a generator one: iterations 0..9 for 2 generator steps
+    assert meta["gen_step"] == 2 and meta["iteration"] == 10 and meta["images_seen"] == 4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["step"] == 2
     for key in ("loss_dm", "loss_gan_gen", "loss_denoise", "loss_disc", "h_mean"):
@@ -294,7 +305,7 @@ ADM_IMAGENET64 = dict(
     downsample_type="resnet", upsample_type="resnet", dropout=0.1, act_fn="silu", attention_head_dim=64,
     norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5, resnet_time_scale_shift="scale_shift",
     add_attention=True, class_embed_type=None, num_class_embeds=1000,
-)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl (REFERENCE.md s.7)
+)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl (its ADM network maps exactly onto diffusers' UNet2DModel)
 
 
 class _RandomImages(torch.utils.data.Dataset):
@@ -320,11 +331,13 @@ def test_fullsize_adm_one_critic_and_one_generator_iteration():
     cfg = _cfg(JS)
     unet = UNet2DModel(**ADM_IMAGENET64)
     assert 295e6 < sum(p.numel() for p in unet.parameters()) < 297e6
-    task = assemble(cfg, {**DEFAULTS, "loader_threads": 0, "grid_samples": 4}, unet, 0.5, _RandomImages(), "cpu",
+    task = assemble(cfg, {**DEFAULTS, "loader_threads": 0, "grid_samples": 4,
+                          "feature_modules": cfg.task["feature_modules"]}, unet, 0.5, _RandomImages(), "cpu",
                     64, 3, 1000)
-    assert task.info["feature_shapes"] == [(768, 8, 8)]  # the paper's discriminator input: 8x8, 768 channels
+    # the paper's discriminator input, 8x8 with 768 channels: FastGen's encoder block enc.8x8_block2
+    assert cfg.task["feature_modules"] == ["down_blocks.3"] and task.info["feature_shapes"] == [(768, 8, 8)]
     t_built = time.time()
-    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.dm_sigma_range)
+    ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.t_range)  # FastGen's bins: the whole [0.002, 80]
     obj = FDistill(task.generator, task.teacher, task.fake_score, task.discriminator, get_divergence("js"), ratio,
                    task.schedule, cfg.objective)
     kw = dict(lr=cfg.optim.lr_gen, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)

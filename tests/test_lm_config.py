@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fdistill.lm.cli import main
+from fdistill.commands.lm import main
 from fdistill.lm.config import (CONFIGS, ConfigError, DemoConfig, DPHConfig, DPOConfig, FDPGConfig, field_docs,
                                 load_config)
 

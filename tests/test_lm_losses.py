@@ -1,4 +1,4 @@
-"""Closed-form checks of the LM losses (REFERENCE.md section 6)."""
+"""Closed-form checks of the LM losses (the f-DPO, TDPO, f-DPG and DPH-RL papers; docs/lm.md)."""
 
 import math
 

@@ -14,7 +14,7 @@ from PIL import Image
 import open_clip
 
 from fdistill.metrics.clip_score import clip_score, clip_similarities, load_clip
-from fdistill.metrics.cli import main as eval_main
+from fdistill.commands.eval import main as eval_main
 
 EMBED, CTX, SIZE = 16, 16, 32
 MODEL_CFG = {

@@ -19,7 +19,7 @@ from PIL import Image
 
 from fdistill.metrics import fid as F
 from fdistill.metrics import inception as I
-from fdistill.metrics.cli import main as eval_main
+from fdistill.commands.eval import main as eval_main
 
 try:
     I.find_inception()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fdistill.metrics.cli import main as eval_main
+from fdistill.commands.eval import main as eval_main
 from fdistill.metrics.precision_recall import coverage, knn_radii, precision_recall
 
 
@@ -79,7 +79,7 @@ def test_radii_and_coverage_directly():
 
 def test_argument_checks():
     x = np.zeros((3, 2))
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="needs more than 3 reference images"):
         precision_recall(x, x, k=3)
     with pytest.raises(ValueError, match="feature sizes"):
         precision_recall(np.zeros((5, 2)), np.zeros((5, 3)), k=1)

@@ -11,6 +11,7 @@ Two tiny runs stand in for real ones, both around a 16x16 class-conditional UNet
 
 import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -24,8 +25,9 @@ from PIL import Image  # noqa: E402
 torch.set_num_threads(1)
 
 from fdistill.cli import main as cli  # noqa: E402
-from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
-from fdistill.sampling import per_image_latents, per_image_random_labels, to_uint8  # noqa: E402
+from tiny_models import tiny_edm_teacher  # noqa: E402
+from fdistill.imageio import to_uint8  # noqa: E402
+from fdistill.sampler import per_image_latents, per_image_random_labels  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPE = (1, 16, 16)
@@ -145,7 +147,8 @@ def test_outdir_resumes_and_refuses_other_settings(mnist_run, tmp_path, capsys):
 
 
 def test_npz_format_and_resume_of_an_interrupted_run(mnist_run, tmp_path, monkeypatch):
-    import fdistill.sampling as sampling
+    import fdistill.commands.sample as sampling
+    import fdistill.sources as sources
     from fdistill.metrics.fid import load_image_npz
 
     run = mnist_run["out"]
@@ -158,12 +161,12 @@ def test_npz_format_and_resume_of_an_interrupted_run(mnist_run, tmp_path, monkey
     assert isinstance(load_image_npz(tmp_path / "full.npz"), np.memmap)  # stored uncompressed: FID reads lazily
 
     # an npz without --outdir stages chunks in NPZ.parts/; kill the run after two chunks, then rerun it
-    class SmallChunks(sampling._ChunkStore):
+    class SmallChunks(sampling.ChunkStore):
         def __init__(self, root, settings, chunk=1000):
             super().__init__(root, settings, chunk=2)
 
-    monkeypatch.setattr(sampling, "_ChunkStore", SmallChunks)
-    real_open, calls = sampling.open_source, []
+    monkeypatch.setattr(sampling, "ChunkStore", SmallChunks)
+    real_open, calls = sources.open_source, []
 
     def failing_open(*a, **k):
         src = real_open(*a, **k)
@@ -177,7 +180,7 @@ def test_npz_format_and_resume_of_an_interrupted_run(mnist_run, tmp_path, monkey
         src.generate = generate
         return src
 
-    monkeypatch.setattr(sampling, "open_source", failing_open)
+    monkeypatch.setattr(sources, "open_source", failing_open)
     npz = tmp_path / "part.npz"
     with pytest.raises(KeyboardInterrupt):
         sampling.main([str(run), "--num", "7", "--labels", "0-9", "--batch", "2", "--npz", str(npz), "--quiet"])
@@ -220,7 +223,7 @@ def test_export_round_trip_gives_the_checkpoint_images(image_run, root, tmp_path
     assert cli(["export", str(image_run), str(out)]) == 0
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "OneStepPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
-    assert index["scheduler"] == ["fdistill.export", "EDMOneStepScheduler"]
+    assert index["scheduler"] == ["fdistill.onestep", "EDMOneStepScheduler"]
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert (sched["sigma_max"], sched["sigma_data"]) == (40.0, 0.5)  # noise.generator_sigma of the run
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -247,6 +250,14 @@ def test_export_round_trip_gives_the_checkpoint_images(image_run, root, tmp_path
     assert not torch.equal(pipe.unet.state_dict()["conv_out.weight"], teacher["conv_out.weight"])
     pil = pipe(class_labels=3, seeds=[0]).images[0]
     assert pil.size == (16, 16) and np.array_equal(np.asarray(pil), to_uint8(want[:1]).numpy()[0, ..., 0])
+    # folders exported before fdistill.onestep existed name fdistill.export as the scheduler's library
+    old = tmp_path / "old_export"
+    shutil.copytree(out, old)
+    (old / "model_index.json").write_text(json.dumps({**index, "scheduler": ["fdistill.export",
+                                                                             "EDMOneStepScheduler"]}))
+    old_pipe = OneStepPipeline.from_pretrained(old)
+    assert isinstance(old_pipe.scheduler, EDMOneStepScheduler)
+    assert torch.equal(old_pipe(class_labels=labels, seeds=seeds, output_type="raw").images, want)
 
     # `fdistill sample` of the export equals `fdistill sample` of the checkpoint
     capsys.readouterr()
@@ -361,18 +372,13 @@ def test_export_errors_name_the_problem(mnist_run, root, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def sd_run(root):
-    """A tiny SD teacher (tests/test_coco_t2i.py's) and a coco_t2i checkpoint holding a perturbed copy of its UNet
+def sd_run(root, sd_dir):
+    """The tiny SD teacher (conftest's ``sd_dir``) and a coco_t2i checkpoint holding a perturbed copy of its UNet
     under the generator's key names."""
-    import sys
-
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_coco_t2i import make_tiny_sd
-
-    teacher = make_tiny_sd(root / "sd_teacher")
+    teacher = sd_dir
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     torch.manual_seed(3)
     ckpt = root / "sd_run" / "ckpt-00000001"

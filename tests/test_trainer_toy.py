@@ -57,6 +57,9 @@ def test_kill_and_resume_is_exact(tmp_path):
     r = _run(b, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
+    # the row of step 10 (written before the kill, after the checkpoint of step 8) is not logged twice
+    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 16]
     for name in ("generator", "fake_score", "discriminator", "ema_0.99", "ratio"):
         sa = load_file(str(a / "ckpt-00000016" / f"{name}.safetensors"))
         sb = load_file(str(b / "ckpt-00000016" / f"{name}.safetensors"))
@@ -136,6 +139,23 @@ def test_default_toy_converges(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"),
                         f"out={out}", "divergence=js", "log.progress=false"],
                        capture_output=True, text=True, env=e, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["off_mode_fraction"] < 0.10, m
+    assert m["mode_coverage"] >= 0.75, m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, pytest.param(3, marks=pytest.mark.xfail(
+    strict=False, reason="measured on this machine: seed 3 ends with 36% of the samples off every mode and 5 of 8 "
+                         "modes (docs/robustness.md, the toy's spread); the default is not yet seed-robust")), 4, 5])
+def test_default_toy_converges_on_other_seeds(tmp_path, seed):
+    """The same criterion as test_default_toy_converges on seeds the toy was not tuned on (~70-300 s each)."""
+    out = tmp_path / "run"
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"),
+                        f"out={out}", "divergence=js", f"seed={seed}", "log.progress=false"],
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["off_mode_fraction"] < 0.10, m

@@ -1,4 +1,6 @@
-"""The tiny EDM teacher several tests share: a 16x16, 1-channel, class-conditional UNet2DModel (10 classes)."""
+"""Tiny teachers several tests share, built from configs (no downloads): an EDM teacher (a 16x16, 1-channel,
+class-conditional UNet2DModel, 10 classes) and a Stable Diffusion pipeline (UNet2DConditionModel at 8x8 latents,
+CLIPTextModel of width 32, a two-level AutoencoderKL, a byte-level CLIP tokenizer)."""
 
 import json
 from pathlib import Path
@@ -22,4 +24,47 @@ def tiny_edm_teacher(path, seed: int = 0, block_out_channels=(32, 64)) -> Path:
     path = Path(path)
     tiny_edm_unet(seed=seed, block_out_channels=block_out_channels).save_pretrained(path)
     (path / "fdistill_config.json").write_text(json.dumps({"precond": "edm", "sigma_data": 0.5, "resolution": 16}))
+    return path
+
+
+def _tokenizer(max_len=16):
+    from transformers import CLIPTokenizer
+
+    # CLIP's byte-level alphabet (GPT-2's bytes_to_unicode), with and without the end-of-word marker; no merges
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in cs:
+        vocab.setdefault(chr(c), len(vocab))
+    for c in cs:
+        vocab.setdefault(chr(c) + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+
+
+def make_tiny_sd(path, prediction_type="epsilon", seed=0):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                      num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    # SD1.5's scheduler config (PNDM, scaled_linear 0.00085..0.012, 1000 steps)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
     return path

@@ -28,7 +28,7 @@ if __name__ == "__main__":
 
         torch.set_num_threads(a.threads)
     if a.eval_only:
-        from fdistill.pipelines.mnist_demo import teacher_assets
+        from fdistill.pipelines.mnist import teacher_assets
 
         print(json.dumps(teacher_assets(a.out), indent=1))
         raise SystemExit(0)

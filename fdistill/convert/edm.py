@@ -23,27 +23,29 @@ NCSN++'s Fourier embedding and residual encoder), so they are refused with an ex
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from ..checkpoint import CheckpointError
+from ..denoisers import EDMPrecondUNet
 from .safe_pickle import UnsafePickleError, module_state, safe_load
 
 __all__ = [
     "PRECOND_FILE", "EDMNetwork", "read_edm_network", "adm_unet_config", "map_adm_state_dict", "build_unet",
-    "convert_edm", "load_converted", "edm_denoise", "main", "UnsafePickleError",
+    "convert_edm", "load_converted", "edm_denoise", "UnsafePickleError",
 ]
 
 PRECOND_FILE = "fdistill_config.json"
@@ -151,8 +153,6 @@ def read_edm_network(path: str | os.PathLike) -> EDMNetwork:
         raise FileNotFoundError(f"{path}: no such file (give the EDM .pkl, or a .pth/.pt/.safetensors state dict)")
     source = str(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         obj, fmt = load_file(str(path)), "state-dict"
     else:
         obj = safe_load(path)
@@ -186,8 +186,6 @@ def read_edm_network(path: str | os.PathLike) -> EDMNetwork:
 
 
 def _zip(path: Path) -> bool:
-    import zipfile
-
     return zipfile.is_zipfile(path)
 
 
@@ -562,87 +560,35 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
         precond = json.load(f)
     if precond.get("precond") != "edm":
         raise ValueError(f"{cfg_file}: unsupported preconditioning {precond.get('precond')!r}")
-    unet = UNet2DModel.from_pretrained(str(path), torch_dtype=dtype)
+    unet = load_unet_folder(path, dtype)
     if device is not None:
         unet = unet.to(device)
     return unet.eval(), precond
 
 
+def load_unet_folder(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """``UNet2DModel.from_pretrained(path)`` for a teacher folder, its failures (a truncated weights file, the
+    weights of another architecture, a missing file) as one CheckpointError naming the folder; diffusers' own
+    advice for mismatched sizes would load a different model with random weights, so it is not passed on."""
+    from diffusers import UNet2DModel
+
+    try:
+        return UNet2DModel.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as e:  # OSError, ValueError, RuntimeError, safetensors' SafetensorError ...
+        reason = " ".join(str(e).split())
+        reason = re.split(r"\s(?:Please|You can|If you|Set `ignore|ignore_mismatched)", reason)[0][:300]
+        raise CheckpointError(f"teacher {path} cannot be loaded as a UNet2DModel ({type(e).__name__}: {reason}). "
+                              "It must be the diffusers folder `fdistill convert-edm` writes (config.json and "
+                              "diffusion_pytorch_model.safetensors of one model); copy it again if a file is "
+                              "truncated") from None
+
+
 def edm_denoise(unet, precond: dict, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None):
-    """EDM's D(x, sigma, y) with a converted UNet.
+    """EDM's D(x, sigma, y) with a converted UNet: the preconditioning that training uses
+    (``fdistill.denoisers.EDMPrecondUNet``), with ``sigma_data`` from the converter's record.
 
     `class_labels`: integer class indices (N,), or label vectors (N, label_dim) as EDM takes them (one-hot,
     or any vector: the label embedding is linear, so e.g. a zero vector gives the label-free embedding)."""
-    sd = float(precond["sigma_data"])
-    x32 = x.to(torch.float32)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-    sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-    s = sigma.reshape(-1, 1, 1, 1)
-    c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-    c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-    c_in = 1 / (sd ** 2 + s ** 2).sqrt()
-    c_noise = sigma.log() / 4
-    dtype = next(unet.parameters()).dtype
-    hook = None
-    labels = None
-    if unet.class_embedding is not None:
-        if class_labels is None:
-            raise ValueError("this teacher is class-conditional: pass class_labels")
-        if class_labels.dtype.is_floating_point:
-            vec = class_labels.reshape(x.shape[0], -1)
-            labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            hook = unet.class_embedding.register_forward_hook(
-                lambda mod, inp, outp: vec.to(mod.weight.dtype) @ mod.weight)
-        else:
-            labels = class_labels.reshape(-1).to(x.device)
-    try:
-        F = unet((c_in * x32).to(dtype), c_noise.to(dtype), class_labels=labels).sample
-    finally:
-        if hook is not None:
-            hook.remove()
-    return c_skip * x32 + c_out * F.to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fdistill convert-edm",
-        description=(
-            "Convert an NVlabs EDM ADM checkpoint (e.g. edm-imagenet-64x64-cond-adm.pkl) into a diffusers "
-            "UNet2DModel folder usable as an fdistill teacher. The pickle is read with a restricted unpickler: "
-            "the class source EDM embeds in its pickles is never executed, and a pickle that asks for anything "
-            "besides tensors and plain containers is refused. A state dict with EDM parameter names "
-            "(.pth/.pt/.safetensors) is accepted too. The output holds config.json, "
-            f"diffusion_pytorch_model.safetensors and {PRECOND_FILE} (EDM preconditioning: sigma_data, sigma range, "
-            "c_noise = log(sigma)/4 fed to the UNet as its timestep)."),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Load it back with fdistill.convert.edm.load_converted(OUT_DIR) -> (unet, precond).")
-    p.add_argument("src", metavar="PKL_OR_STATE_DICT", help="EDM network pickle (.pkl), torch checkpoint "
-                   "(.pt/.pth) or safetensors state dict with EDM parameter names")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist or be empty unless --force)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        rec = convert_edm(args.src, args.out_dir, force=args.force)
-    except UnsafePickleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cond = f"{rec['label_dim']} classes" if rec["label_dim"] else "unconditional"
-    print(f"wrote {args.out_dir}: ADM UNet2DModel {rec['resolution']}x{rec['resolution']}, {cond}, "
-          f"EDM preconditioning sigma_data={rec['sigma_data']}"
-          + (f"; dropped (training-only): {', '.join(rec['dropped_keys'])}" if rec["dropped_keys"] else ""))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    if unet.class_embedding is not None and class_labels is None:
+        raise ValueError("this teacher is class-conditional: pass class_labels")
+    return EDMPrecondUNet(unet, float(precond["sigma_data"]), ()).denoise(x, sigma, class_labels)

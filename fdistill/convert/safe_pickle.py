@@ -17,6 +17,7 @@ import collections
 import io
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -300,12 +301,21 @@ def safe_load(path: str | os.PathLike) -> Any:
     Raises `UnsafePickleError` for anything outside the allow-list (the file's code is never run).
     """
     path = os.fspath(path)
-    if zipfile.is_zipfile(path):
-        return _load_torch_zip(path)
-    with open(path, "rb") as f:
-        up = RestrictedUnpickler(f, source=path)
-        obj = up.load()
-        if isinstance(obj, int) and obj == _LEGACY_MAGIC:
-            # torch's legacy (pre-1.6) serialization: a sequence of pickles plus raw storages.
-            return torch.load(path, weights_only=True, map_location="cpu")
-    return obj
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty, not a network pickle; download it again")
+    try:
+        if zipfile.is_zipfile(path):
+            return _load_torch_zip(path)
+        with open(path, "rb") as f:
+            up = RestrictedUnpickler(f, source=path)
+            obj = up.load()
+            if isinstance(obj, int) and obj == _LEGACY_MAGIC:
+                # torch's legacy (pre-1.6) serialization: a sequence of pickles plus raw storages.
+                return torch.load(path, weights_only=True, map_location="cpu")
+        return obj
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, IndexError, struct.error,
+            UnicodeDecodeError, RuntimeError) as e:  # truncated, or another kind of file
+        raise ValueError(f"{path} is not a readable network pickle (truncated or another kind of file: "
+                         f"{type(e).__name__}); download it again") from None

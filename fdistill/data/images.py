@@ -26,21 +26,44 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ..utils import IMAGE_EXTENSIONS, is_image_file
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageDataset", "ZipImageDataset", "FolderImageDataset", "NpzImageDataset",
     "open_image_dataset", "one_hot", "make_image_loader", "infinite_batches",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"})
 _IMAGE_KEYS = ("x", "images", "data", "arr_0")
 _LABEL_KEYS = ("y", "labels")
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+_is_image = is_image_file
+
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _to_channels(a: np.ndarray, channels: int, name: str) -> np.ndarray:
+    """An HxWxC uint8 image as ``channels`` channels, by one policy for every reader: only conversions that lose
+    nothing. Gray becomes RGB by repetition; an alpha channel is dropped; colour is refused for a one-channel
+    consumer unless its channels are equal (a gray image stored as RGB)."""
+    c = a.shape[2]
+    if c == channels:
+        return a
+    if c in (2, 4):  # gray + alpha, RGB + alpha
+        return _to_channels(a[:, :, : c - 1], channels, name)
+    if c == 1 and channels == 3:
+        return np.repeat(a, 3, axis=2)
+    if c == 3 and channels == 1:
+        if (a[:, :, :1] == a[:, :, 1:]).all():
+            return a[:, :, :1]
+        raise ValueError(f"{name} is a colour image but the teacher takes 1 channel; convert the data to grayscale "
+                         "first (e.g. PIL's Image.convert('L')): fdistill does not throw colour away silently")
+    raise ValueError(f"{name} has {c} channels; {channels} expected")
 
 
 def one_hot(labels, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,15 +132,13 @@ class ImageDataset(Dataset):
         return x, int(self.labels[idx])
 
     def _decode(self, data: bytes, name: str) -> np.ndarray:
-        import PIL.Image
-
         try:
             with PIL.Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L")
+                im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
                 arr = np.asarray(im, dtype=np.uint8)
         except Exception as e:  # PIL raises several types for broken files
-            raise ValueError(f"{self.path}: cannot decode image {name}: {e}") from e
-        return arr[:, :, None] if arr.ndim == 2 else arr
+            raise ValueError(f"{self.path}: {name} is not a readable image ({type(e).__name__}: {e})") from None
+        return _to_channels(arr[:, :, None] if arr.ndim == 2 else arr, self.channels, f"{self.path}: {name}")
 
     def _item_name(self, i: int) -> str:
         return f"item {i}"
@@ -252,7 +273,7 @@ class FolderImageDataset(ImageDataset):
         return "image files, either in one sub-folder per class or directly in the folder"
 
 
-def _npz_member(path: str, key: str):
+def npz_member(path: str, key: str):
     """The array `key` of an npz; memory-mapped when the member is stored uncompressed."""
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(key + ".npy")
@@ -291,10 +312,10 @@ class NpzImageDataset(ImageDataset):
             ik = next((k for k in _IMAGE_KEYS if k in keys), None)
             if ik is None:
                 raise ValueError(f"{path}: no image array; expected one of {list(_IMAGE_KEYS)}, found {keys}")
-            arr = _npz_member(path, ik)
+            arr = npz_member(path, ik)
             lk = next((k for k in _LABEL_KEYS if k in keys), None)
             if lk is not None:
-                lab = np.asarray(_npz_member(path, lk))
+                lab = np.asarray(npz_member(path, lk))
                 if lab.ndim == 2:  # one-hot rows
                     lab = lab.argmax(axis=1)
                 if lab.ndim != 1:
@@ -328,12 +349,7 @@ class NpzImageDataset(ImageDataset):
             a = a.reshape(self.channels, side, side).transpose(1, 2, 0)
         elif kind == "nchw":
             a = a.transpose(1, 2, 0)
-        if a.shape[2] != self.channels:
-            if a.shape[2] == 4 and self.channels == 3:
-                a = a[:, :, :3]
-            else:
-                raise ValueError(f"{self.path}: images have {a.shape[2]} channels, {self.channels} expected")
-        return a
+        return _to_channels(a, self.channels, f"{self.path}: image {i}")
 
     def _layout_hint(self):
         return "a non-empty uint8 image array"

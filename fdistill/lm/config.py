@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import ConfigError  # noqa: F401  (re-exported for the LM CLI)
+from ..config import ConfigError  # re-exported for the LM CLI
 from ..config import load_config as _load
 
 
@@ -57,6 +57,16 @@ class LMBaseConfig:
     """torch CPU threads (0: leave torch's default). Tiny models run fastest with 1 on a busy machine."""
     disable_dropout: bool = True
     """Set the policy's dropout to 0 so its log-probs match the reference's and the samples' (as TRL does)."""
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train, naming the key (called by ``load_config``, before anything runs)."""
+        _positive(self, "steps", "lr")
+        _at_least(self, 0, "weight_decay", "max_grad_norm", "warmup_steps", "save_every", "threads")
+        _at_least(self, 1, "log_every", "max_new_tokens", "eval_samples", "eval_k")
+        if hasattr(self, "beta"):  # the strength of the method's divergence constraint
+            _positive(self, "beta")
+        if hasattr(self, "eta"):  # DPH-RL's divergence weight (0: plain GRPO)
+            _at_least(self, 0, "eta")
 
 
 @dataclass
@@ -187,6 +197,22 @@ class DemoConfig:
     pass_k: int = 8
     threads: int = 1
     """torch CPU threads; the toy model is too small to gain from more, and they thrash on a shared machine."""
+
+
+def _positive(cfg, *keys: str) -> None:
+    for key in keys:
+        v = getattr(cfg, key)
+        if not (isinstance(v, (int, float)) and v > 0 and v != float("inf")):
+            why = " (beta <= 0 turns the divergence constraint off or around: the policy learns nothing or " \
+                  "learns backwards)" if key == "beta" else ""
+            raise ConfigError(f"config key {key} must be > 0, got {v!r}{why}")
+
+
+def _at_least(cfg, low: int, *keys: str) -> None:
+    for key in keys:
+        v = getattr(cfg, key)
+        if not v >= low:
+            raise ConfigError(f"config key {key} must be >= {low}, got {v!r}")
 
 
 CONFIGS: dict[str, type] = {"dpo": DPOConfig, "tdpo": TDPOConfig, "fdpg": FDPGConfig, "dph": DPHConfig,

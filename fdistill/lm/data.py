@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fdistill.lm import toy
 from fdistill.lm.modeling import SeqBatch, build_batch
 
 
@@ -48,8 +49,6 @@ def load_prompts(spec: str) -> list[str]:
     """``toy`` (the toy language's prompts), a JSONL with a ``prompt`` field, or a text file of one prompt
     per line. An empty spec is one empty prompt (unconditional generation)."""
     if spec == "toy":
-        from fdistill.lm import toy
-
         return toy.prompts()
     if spec == "":
         return [""]
@@ -57,8 +56,13 @@ def load_prompts(spec: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {spec!r} not found (use 'toy', a .jsonl or a .txt file)")
     if path.suffix == ".jsonl":
-        return [r["prompt"] for r in read_jsonl(path)]
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [r["prompt"] for r in read_jsonl(path)]
+    else:
+        prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {spec!r} holds no prompts; write one per line (or a JSONL with a 'prompt' "
+                         "field), or pass prompts='' for unconditional generation")
+    return prompts
 
 
 def load_callable(spec: str) -> Callable:

@@ -19,6 +19,7 @@ from fdistill.lm.config import DemoConfig, DPHConfig, DPOConfig, FDPGConfig, TDP
 from fdistill.lm.data import write_jsonl
 from fdistill.lm.evaluate import evaluate_policy
 from fdistill.lm.modeling import load_causal_lm
+from fdistill.lm.trainers import train_dph, train_dpo, train_fdpg
 
 
 def _slug(name: str) -> str:
@@ -95,7 +96,6 @@ def run_demo(cfg: DemoConfig, log: Callable | None = print) -> dict:
     pairs = out / "pairs.jsonl"
     write_jsonl(pairs, toy.preference_pairs(cfg.dpo_pairs, seed=cfg.seed))
 
-    from fdistill.lm.trainers import train_dph, train_dpo, train_fdpg
 
     runs: list[tuple[str, str, Callable, object]] = []
     if "fdpo" in cfg.methods:

@@ -1,10 +1,10 @@
 """Losses of the f-divergence LM alignment methods, as pure functions on tensors.
 
-Convention (REFERENCE.md section 1, LM side): the papers write D_g(pi || pi_ref) = E_{pi_ref}[g(u)] with
-u = pi / pi_ref (model over reference). ``get_divergence(name).dual()`` is that g, as functions of log u, so a
-divergence *name* means the same thing here as on the diffusion side: ``reverse_kl`` is KL(pi || pi_ref)
-(DPO's constraint), ``forward_kl`` is KL(pi_ref || pi). Every input is a log-probability; u is never formed
-from an unbounded exponent.
+Convention (docs/lm.md; the LM side of fdistill.divergences): the papers write
+D_g(pi || pi_ref) = E_{pi_ref}[g(u)] with u = pi / pi_ref (model over reference). ``get_divergence(name).dual()``
+is that g, as functions of log u, so a divergence *name* means the same thing here as on the diffusion side:
+``reverse_kl`` is KL(pi || pi_ref) (DPO's constraint), ``forward_kl`` is KL(pi_ref || pi). Every input is a
+log-probability; u is never formed from an unbounded exponent.
 
     f_dpo_loss     Wang et al. 2023, arXiv 2309.16240 (f-DPO)
     tdpo_loss      Zeng et al. 2024, arXiv 2404.11999 (TDPO1 / TDPO2)

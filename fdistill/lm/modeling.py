@@ -12,13 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
+from fdistill.lm.losses import token_logps
+from fdistill.utils import dtype_from_name
+
 Tensor = torch.Tensor
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trainable: bool = True):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype_from_name(dtype))
     if not trainable:
         model.eval().requires_grad_(False)
     return model
@@ -71,8 +74,6 @@ def forward_logits(model, batch: SeqBatch) -> Tensor:
 
 def token_logps_of(model, batch: SeqBatch) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of the response tokens [N, L-1] (0 elsewhere) and their mask."""
-    from fdistill.lm.losses import token_logps
-
     return token_logps(forward_logits(model, batch), batch.labels())
 
 

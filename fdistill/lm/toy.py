@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from fdistill.lm.losses import token_logps
+from fdistill.lm.modeling import build_batch, forward_logits
 from fdistill.lm.tokenizer import CharTokenizer
 
 ALPHABET = "0123456789:"
@@ -103,8 +105,6 @@ def build_model(tok: CharTokenizer | None = None, n_layer: int = 2, n_embd: int 
 
 
 def _corpus_batch(tok: CharTokenizer, rng: random.Random, batch_size: int):
-    from fdistill.lm.modeling import build_batch
-
     docs = [sample_document(rng) for _ in range(batch_size)]
     return build_batch([tok.encode(p) for p, _ in docs],
                        [tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for _, r in docs],
@@ -115,9 +115,6 @@ def pretrain(out_dir: str | Path, steps: int = 1500, batch_size: int = 128, lr: 
              n_layer: int = 2, n_embd: int = 64, log=print) -> Path:
     """Train the toy GPT-2 from scratch on the corpus mixture (response tokens only) and save it with
     ``save_pretrained`` beside its tokenizer. Returns the directory."""
-    from fdistill.lm.modeling import forward_logits
-    from fdistill.lm.losses import token_logps
-
     out_dir = Path(out_dir)
     tok = tokenizer()
     model = build_model(tok, n_layer=n_layer, n_embd=n_embd, seed=seed)

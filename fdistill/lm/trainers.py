@@ -18,17 +18,45 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from fdistill.divergences import get_divergence
 from fdistill.lm import toy
-from fdistill.lm.config import DPHConfig, DPOConfig, FDPGConfig, LMBaseConfig, TDPOConfig, dump_yaml
-from fdistill.lm.data import encode_prompt, load_callable, load_pairs, load_prompts, pair_batch, tokenize_pairs, write_jsonl
+from fdistill.lm.config import ConfigError, DPHConfig, DPOConfig, FDPGConfig, LMBaseConfig, TDPOConfig, dump_yaml
+from fdistill.lm.data import (encode_prompt, load_callable, load_pairs, load_prompts, pair_batch, tokenize_pairs,
+                              write_jsonl)
 from fdistill.lm.evaluate import evaluate_policy
 from fdistill.lm.losses import (LogZEstimator, MovingAverageBaseline, dph_penalty, f_dpo_loss, fdpg_loss,
                                 grpo_advantages, ppo_clip_loss, tdpo_loss, token_logps)
-from fdistill.lm.modeling import (SeqBatch, forward_logits, load_causal_lm, response_texts, sample,
-                                  token_logps_of)
+from fdistill.lm.modeling import SeqBatch, forward_logits, load_causal_lm, response_texts, sample, token_logps_of
 from fdistill.lm.tokenizer import load_tokenizer
+
+
+# keys that do not change what a run computes
+_NEUTRAL_KEYS = {"out", "threads", "log_every"}
+
+
+def check_out(out: Path, method: str, cfg: LMBaseConfig) -> None:
+    """Refuse an ``out`` holding another LM run (another method, or a config that differs in a key that changes
+    the result): starting there would overwrite its checkpoints. The same config starts over (LM runs are short
+    and do not resume)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a run directory; choose another out=DIR")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    text = saved.read_text(encoding="utf-8")
+    try:
+        old = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        old = {}
+    new = yaml.safe_load(dump_yaml(cfg))
+    was = text.splitlines()[0].removeprefix("# fdistill lm ").strip() if text else "?"
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _NEUTRAL_KEYS)
+    if was != method or diff:
+        what = f"an 'fdistill lm {was}' run" if was != method else f"a run with a different config (keys {diff})"
+        raise ConfigError(f"{out} holds {what}; rerun it with the same settings, or choose another out=DIR")
 
 
 class _Run:
@@ -54,9 +82,10 @@ class _Run:
         self.t0 = time.time()
         self.last_metrics: dict = {}
         if self.acc.is_main_process:
+            check_out(self.out, method, cfg)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(f"# fdistill lm {method}\n" + dump_yaml(cfg))
-            self._metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+            self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")  # a run starts over
 
     def log(self, msg: str) -> None:
         if self._log:
@@ -354,7 +383,6 @@ def train_dph(cfg: DPHConfig, log: Callable | None = print) -> dict:
         (run.out / "dph_split.json").write_text(json.dumps(
             {"near_perfect": near_perfect, "exploration": exploration, "presample": cfg.presample,
              "initial_pass_rate": mean_r}, indent=1))
-        from safetensors.torch import save_file
 
         save_file({"input_ids": stored.input_ids.contiguous(), "attention_mask": stored.attention_mask.contiguous(),
                    "response_mask": stored.response_mask.contiguous(), "ref_token_logps": stored_lp.contiguous()},

@@ -8,7 +8,7 @@ pull in torchvision, scipy and more):
 * ``fdistill.metrics.inception``: ``load_inception``, ``find_inception``.
 * ``fdistill.metrics.precision_recall``: ``precision_recall``.
 * ``fdistill.metrics.clip_score``: ``clip_score``, ``load_clip``.
-* ``fdistill.metrics.cli``: ``main(argv)`` behind ``fdistill eval``.
+* ``fdistill.commands.eval``: ``main(argv)`` behind ``fdistill eval``.
 """
 
 import importlib

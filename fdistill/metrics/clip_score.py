@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.functional import center_crop
+from tqdm import tqdm
 
 DEFAULT_MODEL = "ViT-g-14"
 PAPER_PRETRAINED = "laion2b_s12b_b42k"
@@ -96,7 +98,6 @@ def _to_pil_list(images) -> list[Image.Image]:
 
 def _center_crop_resize(im: Image.Image, size: int) -> Image.Image:
     # torchvision's centre crop, as DMD2 uses (its rounding of odd margins differs from a floor division).
-    from torchvision.transforms.functional import center_crop
     return center_crop(im, min(im.size)).resize((size, size), Image.LANCZOS)
 
 
@@ -122,7 +123,6 @@ def clip_similarities(images, captions: Sequence[str], model_name: str = DEFAULT
     sims = []
     starts = range(0, len(images), batch_size)
     if progress:
-        from tqdm import tqdm
         starts = tqdm(starts, desc="CLIP score", unit="batch")
     for i in starts:
         # Decode one batch at a time: 30k images at 512x512 would not fit in memory at once.

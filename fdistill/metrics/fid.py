@@ -5,7 +5,7 @@ float; ``legacy_tensorflow``: no resize outside, the network's TF-style bilinear
 reader (``get_files_features``), ``get_batch_features`` and ``frechet_distance``. What this module adds is input
 handling (arrays, tensors, npz files, EDM's reference statistics) and a record of the protocol.
 
-Protocols (see the README section on evaluation):
+Protocols (docs/evaluation.md):
 
 * ImageNet-64 as in EDM / DMD2 / f-distill: 50,000 samples (seeds 0..49999) against EDM's reference statistics
   ``imagenet-64x64.npz``, mode ``legacy_tensorflow`` -- EDM's fid.py feeds the 64x64 uint8 images to NVIDIA's
@@ -16,24 +16,29 @@ Protocols (see the README section on evaluation):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import cleanfid
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
-
 from cleanfid.fid import frechet_distance, get_batch_features, get_files_features
 from cleanfid.resize import build_resizer
-from cleanfid.utils import EXTENSIONS
+from PIL import Image
+from tqdm import tqdm
 
-from .inception import load_inception
+from ..data.images import npz_member
+from ..utils import is_image_file
+from .inception import load_inception, sha256_file
 
 MODES = ("clean", "legacy_tensorflow")
 PAPER_NUM_SAMPLES = 50_000
@@ -140,7 +145,6 @@ def inception_features(images, batch_size: int = 50, device: str | torch.device 
     feats = []
     batches = _iter_batches(images, batch_size)
     if progress:
-        from tqdm import tqdm
         total = -(-len(images) // batch_size) if isinstance(images, (np.ndarray, torch.Tensor)) else None
         batches = tqdm(batches, desc=f"Inception features ({mode})", unit="batch", total=total)
     for arr in batches:
@@ -158,16 +162,14 @@ def inception_features(images, batch_size: int = 50, device: str | torch.device 
 
 
 def list_image_files(path: str | os.PathLike) -> list[str]:
-    """Image files of a folder (recursive) or zip (e.g. an EDM dataset zip), sorted -- clean-fid's extensions."""
+    """Image files of a folder (recursive) or zip (e.g. an EDM dataset zip), sorted (``fdistill.utils``'s image
+    extensions, any case)."""
     path = str(path)
     if path.lower().endswith(".zip") and os.path.isfile(path):
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        files = [n for n in names if os.path.splitext(n)[1].lower()[1:] in EXTENSIONS]
-    else:
-        files = [f for ext in EXTENSIONS for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True)]
-    # A set: on case-insensitive file systems 'png' and 'PNG' match the same file twice.
-    return sorted(set(files))
+            return sorted(n for n in zf.namelist() if is_image_file(n))
+    return sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                  if is_image_file(f) and os.path.isfile(f))
 
 
 def folder_features(path: str | os.PathLike, num: int | None = None, batch_size: int = 50,
@@ -185,11 +187,21 @@ def folder_features(path: str | os.PathLike, num: int | None = None, batch_size:
     model = _resolve_model(weights, device)
     # clean-fid's reader recognises a zip by '.zip' in fdir and then reads the names inside it.
     is_zip = str(path).lower().endswith(".zip") and os.path.isfile(path)
-    return get_files_features(
-        files, model, num_workers=num_workers, batch_size=batch_size, device=torch.device(device), mode=mode,
-        fdir=str(path) if is_zip else None, verbose=progress, description=f"Inception features {path}: ",
-        custom_image_tranform=center_crop_resize(pre_resize) if pre_resize else None,
-    ).astype(np.float32, copy=False)
+    try:
+        feats = get_files_features(
+            files, model, num_workers=num_workers, batch_size=batch_size, device=torch.device(device), mode=mode,
+            fdir=str(path) if is_zip else None, verbose=progress, description=f"Inception features {path}: ",
+            custom_image_tranform=center_crop_resize(pre_resize) if pre_resize else None,
+        )
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise ValueError(f"{path} holds images of different sizes, which mode {mode} passes to Inception as they "
+                         "are: resize them to one size first, or pass --pre-resize S") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL's errors for a file that is no image
+        raise ValueError(f"{path}: an image file cannot be read ({type(e).__name__}: {e}); remove or replace it") \
+            from None
+    return feats.astype(np.float32, copy=False)
 
 
 def _check_count(available: int, num: int, source) -> None:
@@ -212,8 +224,25 @@ def stats_from_features(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
+def check_stats(mu, sigma, what: str = "statistics") -> None:
+    """Refuse statistics that no FID can come from: not a mean and its covariance, or non-finite values (the
+    images or features they were made from held NaN, e.g. a diverged generator's)."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{what}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{what} hold non-finite values (NaN or inf): the images they come from are not valid "
+                         "(a diverged generator?); recompute them from finite images")
+
+
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between two Gaussians (clean-fid's ``frechet_distance``)."""
+    """Frechet distance between two Gaussians (clean-fid's ``frechet_distance``); statistics that are not finite
+    or of different dimensions are refused."""
+    check_stats(mu1, sigma1, "the first statistics")
+    check_stats(mu2, sigma2, "the second statistics")
+    if np.shape(mu1) != np.shape(mu2):
+        raise ValueError(f"statistics of {np.shape(mu1)[0]} and {np.shape(mu2)[0]} features cannot be compared: "
+                         "both must come from the same feature extractor (Inception: 2048)")
     return float(frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
@@ -241,8 +270,34 @@ def save_stats(path: str | os.PathLike, mu, sigma, **meta) -> None:
     os.replace(tmp, path)
 
 
+def _unreadable_npz(path, e: Exception) -> ValueError:
+    """The error for an npz numpy cannot read (truncated, not an npz, or holding object arrays)."""
+    return ValueError(f"{path} is not a readable .npz file (truncated, corrupt or not an npz: "
+                      f"{type(e).__name__}); write it again")
+
+
+@contextlib.contextmanager
+def _open_npz(path):
+    """``np.load`` of an npz, never with pickles, its failures as one clear ValueError."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ValueError (object arrays) ...
+        raise _unreadable_npz(path, e) from None
+    with data:
+        try:
+            yield data
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:  # a member cut short
+            raise _unreadable_npz(path, e) from None
+        except ValueError as e:
+            if "pickle" in str(e):
+                raise _unreadable_npz(path, e) from None
+            raise
+
+
 def _npz_keys(path) -> list[str]:
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         return list(data.keys())
 
 
@@ -258,7 +313,7 @@ def load_stats(path: str | os.PathLike, with_meta: bool = False):
     """(mu, sigma) from an .npz with keys ``mu``/``sigma`` -- ours or EDM's published reference files
     (``imagenet-64x64.npz``, ``cifar10-32x32.npz``). ``with_meta=True`` also returns the metadata dict
     (empty for files without it)."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         keys = list(data.keys())
         if "mu" not in keys or "sigma" not in keys:
             hint = ""
@@ -270,8 +325,7 @@ def load_stats(path: str | os.PathLike, with_meta: bool = False):
         mu = np.asarray(data["mu"], dtype=np.float64)
         sigma = np.asarray(data["sigma"], dtype=np.float64)
         meta = json.loads(str(data["meta"])) if "meta" in keys else {}
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    check_stats(mu, sigma, f"the statistics in {path}")
     return (mu, sigma, meta) if with_meta else (mu, sigma)
 
 
@@ -284,14 +338,7 @@ IMAGE_NPZ_KEYS = ("arr_0", "x", "images")
 
 def _npz_array(path, key) -> np.ndarray:
     """Memory-mapped when the member is stored uncompressed (np.savez), so 50k images are not all loaded."""
-    try:
-        from fdistill.data.images import _npz_member
-    except ImportError:  # the data module is optional here; fall back to reading the whole array
-        _npz_member = None
-    if _npz_member is not None:
-        return _npz_member(str(path), key)
-    with np.load(path, allow_pickle=False) as data:
-        return data[key]
+    return npz_member(str(path), key)
 
 
 def load_image_npz(path: str | os.PathLike) -> np.ndarray:
@@ -311,7 +358,7 @@ def load_image_npz(path: str | os.PathLike) -> np.ndarray:
 
 def load_features_npz(path: str | os.PathLike) -> np.ndarray | None:
     """Stored Inception features (``feats``) of an npz, or None."""
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path) as data:
         return np.asarray(data["feats"], dtype=np.float32) if "feats" in data else None
 
 
@@ -359,7 +406,6 @@ def _check_feature_meta(path, mode, pre_resize) -> None:
 
 def describe_file(path) -> dict:
     """Path, size and sha256 of a file (for the protocol record); folders get their image count."""
-    from .inception import sha256_file
     p = Path(path)
     if p.is_file():
         return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -388,7 +434,6 @@ def reference_stats(ref, mode: str | None, ref_num: int | None = None, **kw):
             if mode is None:
                 mode = EDM_STATS_MODE
             elif mode != EDM_STATS_MODE:
-                import warnings
                 warnings.warn(
                     f"{ref} carries no metadata; EDM's reference files were computed with the TF-style resize "
                     f"(mode legacy_tensorflow) but mode={mode!r} was asked for. Make sure the statistics match.")
@@ -466,7 +511,7 @@ def _npz_seeds(source, num: int) -> dict | None:
     """Summary of the ``seeds`` an npz of samples records (the papers use seeds 0..N-1), or None."""
     if not (isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")):
         return None
-    with np.load(source, allow_pickle=False) as data:
+    with _open_npz(source) as data:
         if "seeds" not in data:
             return None
         seeds = np.asarray(data["seeds"]).reshape(-1)[:num]
@@ -475,7 +520,6 @@ def _npz_seeds(source, num: int) -> dict | None:
 
 
 def _protocol(model, mode, num, pre_resize, source) -> dict:
-    import cleanfid
     inc = {"path": str(getattr(model, "path", "custom")), "sha256": getattr(model, "sha256", None)}
     out = {
         "num_samples": int(num),

@@ -74,6 +74,10 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk_size: int = 4096,
     fake = _as_tensor(fake_feats, device, dtype)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
+    for name, x in (("reference", real), ("generated", fake)):
+        if not 1 <= k < len(x):
+            raise ValueError(f"precision/recall with k={k} needs more than {k} {name} images, got {len(x)}; use "
+                             f"more images (the paper's protocol: 50,000) or a smaller --k")
     real_r = knn_radii(real, k, chunk_size, device, dtype)
     fake_r = knn_radii(fake, k, chunk_size, device, dtype)
     # Exact fractions (count / n), not a float32 mean.

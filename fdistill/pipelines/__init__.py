@@ -1,68 +1,29 @@
 """Tasks: each assembles a teacher, the trainable networks, real data and conditioning for the trainer.
 
-A task is built from a ``DistillConfig`` by ``build_task(cfg, device)``; the trainer never branches on which.
+A task is built from a ``DistillConfig`` by ``build_task(cfg, device)`` (the registry below, keyed by the config's
+``pipeline``); the contract it fulfils is ``fdistill.task.Task``. The trainer never branches on which task it runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from ..task import Task, check_task_keys  # noqa: F401 (re-exported first: task modules may import them from here)
+from . import coco_t2i, diffusers_t2i, image, imagenet64, mnist, toy2d
 
-import torch
-
-from ..noise import NoiseSchedule
-
-
-@dataclass
-class Task:
-    teacher: torch.nn.Module
-    generator: torch.nn.Module
-    fake_score: torch.nn.Module
-    discriminator: torch.nn.Module
-    schedule: NoiseSchedule
-    sample_cond: Callable[[int, torch.Generator, Any], Any]
-    """(n, rng, device) -> conditioning for n generated samples (labels, text embeddings, or None)."""
-    sample_real: Callable[[int, torch.Generator, Any], tuple[torch.Tensor, Any]]
-    """(n, rng, device) -> (real x0, their conditioning) for the discriminator."""
-    evaluate: Callable[..., dict] | None = None
-    """(generator, run_dir, final: bool) -> metrics dict; writes samples.png. Main process only."""
-    oracle_log_ratio: Callable | None = None
-    """Exact log(p_t/q_t)(x_t, sigma, cond) where the task knows it (toy2d)."""
-    evaluate_uses_networks: bool = False
-    """True if ``evaluate`` calls the trainable networks through the task's own references (toy2d's calibration
-    report): under FSDP they then hold their full parameters on every process while it runs."""
-    sigma_data: float = 0.5
-    info: dict = field(default_factory=dict)
+BUILDERS = {
+    "toy2d": toy2d.build,
+    "mnist": mnist.build,
+    "imagenet64": imagenet64.build,
+    "image": image.build,
+    "coco_t2i": coco_t2i.build,
+    "sdxl": diffusers_t2i.build,  # SDXL, SD3 / SD3.5, FLUX.1 through their diffusers pipelines (docs/teachers.md)
+    "sd3": diffusers_t2i.build,
+    "flux": diffusers_t2i.build,
+}
+"""config ``pipeline`` -> build(cfg, device) -> Task."""
 
 
 def build_task(cfg, device) -> Task:
     name = cfg.pipeline
-    if name == "toy2d":
-        from .toy2d import build
-    elif name == "mnist":
-        from .mnist import build
-    elif name == "imagenet64":
-        from .imagenet64 import build
-    elif name == "image":
-        from .image import build
-    elif name == "coco_t2i":
-        from .coco_t2i import build
-    else:
-        raise ValueError(f"unknown pipeline {name!r}; choose one of toy2d, mnist, image, imagenet64, coco_t2i")
-    return build(cfg, device)
-
-
-def check_task_keys(task_cfg: dict, defaults: dict, pipeline: str) -> dict:
-    """Merge ``task:`` settings over a pipeline's defaults; an unknown key is an error naming it."""
-    from ..config import unknown_key
-
-    out = dict(defaults)
-    for k, v in (task_cfg or {}).items():
-        if k not in defaults:
-            raise unknown_key(k, defaults, "task.", f"pipeline {pipeline}")
-        d = defaults[k]
-        if d is not None and v is not None and not isinstance(v, type(d)) and not (
-                isinstance(d, float) and isinstance(v, int)):
-            raise ValueError(f"config key task.{k} must be {type(d).__name__}, got {v!r}")
-        out[k] = float(v) if isinstance(d, float) and isinstance(v, int) else v
-    return out
+    if name not in BUILDERS:
+        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(BUILDERS)}")
+    return BUILDERS[name](cfg, device)

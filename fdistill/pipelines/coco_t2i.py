@@ -6,8 +6,11 @@ a VP epsilon (or v) model behind ``VPUNetDenoiser``, guided with classifier-free
 copies of its UNet; the generator is evaluated once at timestep 999 on N(0, I) latents.
 
 Noise levels: the teacher's own DDPM grid (T = 1000, ``vp_sigmas(alphas_cumprod)``); the distribution-matching term
-draws timesteps uniformly in [noise.dm_index_min, noise.dm_index_max] (20..980), the fake score's epsilon loss over
-all of them.
+draws timesteps uniformly in [noise.dm_index_min, noise.dm_index_max]: 1..998 with ``recipe: fastgen`` (FastGen's
+floor(1000 t), t ~ U[0.001, 0.999]; its UNet is told the integer timestep, FastGen's the real-valued 1000 t), where
+the fake score's loss is an unweighted x0 MSE at the same draws; 20..980 with ``recipe: dmd2``, where it is an
+epsilon MSE over all 1000 timesteps. ``task.text_mask`` masks the prompts' padding tokens in cross-attention
+(FastGen's SD15 network; the recipe decides).
 
 Prompts (``prompts=``): a COCO captions JSON (2014 format: every caption is a prompt), a text file with one prompt
 per line, or a JSON list. They are embedded once by the teacher's CLIP text encoder (its last hidden state, as
@@ -27,22 +30,26 @@ import copy
 import hashlib
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..denoisers import freeze
 from ..denoisers_vp import CFGDenoiser, VPUNetDenoiser
 from ..discriminator import Discriminator
 from ..generator import OneStepGenerator
+from ..hub import load_kwargs
+from ..imageio import save_grid
 from ..noise import NoiseSchedule, vp_sigmas
-from . import Task, check_task_keys
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from ..prompts import coco_captions_by_file, read_prompts
+from ..sampler import per_image_latents
+from ..utils import DTYPES, IMAGE_EXTENSIONS, atomic_npy, barrier, is_local_writer
+from ..task import Task, check_task_keys
 
 DEFAULTS = {
     "teacher_dtype": "bfloat16",
@@ -79,100 +86,13 @@ DEFAULTS = {
     # Prompts in the sample grid written every log.sample_every steps and at the end.
     "feature_modules": ["mid_block"],
     # Teacher modules whose outputs feed the discriminator (SD1.5 mid block: 1280 x 8 x 8 at 64x64 latents).
+    "text_mask": False,
+    # Mask the prompts' padding tokens in the UNets' cross-attention (FastGen's SD15 network passes the tokenizer's
+    # attention mask as encoder_attention_mask); False = stock SD1.5, which attends to them. Set by `recipe`.
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # ------------------------------------------------------------------------------------------------------------
-# distributed helpers (the task is built on every process; files are written by one per node)
-
-
-def _dist():
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _is_local_writer() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
-def _barrier():
-    d = _dist()
-    if d is not None:
-        d.barrier()
-
-
-def _atomic_npy(path: Path, shape, dtype, fill) -> None:
-    """Write an .npy memmap under a unique temporary name, fill it chunk by chunk, then rename it into place:
-    an interrupted run never leaves a partial cache, and concurrent writers on a shared disk each rename a whole
-    file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{socket.gethostname()}.{os.getpid()}.tmp.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-    try:
-        fill(arr)
-        arr.flush()
-        del arr
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover
-        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-
-
-def load_kwargs(teacher: str, variant: str = "") -> dict:
-    """from_pretrained kwargs: never contact the hub when offline or for a local folder."""
-    kw = {"local_files_only": _offline() or Path(teacher).is_dir()}
-    if variant:
-        kw["variant"] = variant
-    return kw
-
-
-# ------------------------------------------------------------------------------------------------------------
-# prompts
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a COCO captions JSON (2014 format: every annotation's caption), a JSON list of strings, or a
-    text file (one prompt per non-empty line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} not found (a COCO captions JSON such as "
-                                "annotations/captions_train2014.json, or a .txt with one prompt per line)")
-    if p.suffix.lower() == ".json":
-        data = json.loads(p.read_text())
-        if isinstance(data, dict) and "annotations" in data:
-            return [_clean(a["caption"]) for a in data["annotations"]]
-        if isinstance(data, list) and all(isinstance(x, str) for x in data):
-            return [_clean(x) for x in data]
-        raise ValueError(f"{p}: expected a COCO captions JSON (with 'annotations') or a list of strings")
-    prompts = [_clean(line) for line in p.read_text(encoding="utf-8").splitlines()]
-    return [x for x in prompts if x]
-
-
-def _clean(text: str) -> str:
-    return " ".join(str(text).split())  # COCO captions carry stray newlines and double spaces
-
-
-def coco_captions_by_file(path: str | os.PathLike) -> dict[str, list[str]]:
-    """{image file name: [captions]} from a COCO captions JSON."""
-    data = json.loads(Path(path).read_text())
-    if not (isinstance(data, dict) and "images" in data and "annotations" in data):
-        raise ValueError(f"{path} is not a COCO captions JSON (needs 'images' and 'annotations')")
-    names = {im["id"]: im["file_name"] for im in data["images"]}
-    out: dict[str, list[str]] = {}
-    for a in data["annotations"]:
-        if a["image_id"] in names:
-            out.setdefault(names[a["image_id"]], []).append(_clean(a["caption"]))
-    return out
+# prompts (read by fdistill.prompts; the hub and cache helpers are fdistill.hub and fdistill.utils)
 
 
 @torch.no_grad()
@@ -191,6 +111,21 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], batch_size: 
     return torch.cat(out)
 
 
+def token_lengths(tokenizer, texts: Sequence[str], chunk: int = 4096) -> torch.Tensor:
+    """Tokens of each text that are not padding (BOS and EOS included), as the SD tokenizer pads them."""
+    out = []
+    for i in range(0, len(texts), chunk):
+        tok = tokenizer(list(texts[i:i + chunk]), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        out.append(tok.attention_mask.sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def text_mask(lengths: torch.Tensor, max_length: int, device) -> torch.Tensor:
+    """[N, max_length] cross-attention mask (1 = attend) from token lengths."""
+    return (torch.arange(max_length, device=device)[None, :] < lengths.to(device)[:, None]).float()
+
+
 class PromptBank:
     """Text embeddings of a fixed list of texts, computed once (memory / disk) or per batch (online)."""
 
@@ -207,15 +142,15 @@ class PromptBank:
             self.table = torch.cat([encode_prompts(tokenizer, text_encoder, texts[i:i + 4096], batch_size).cpu()
                                     .half() for i in range(0, len(texts), 4096)])
         elif mode == "disk":
-            if not cache_path.is_file() and _is_local_writer():
+            if not cache_path.is_file() and is_local_writer():
                 probe = encode_prompts(tokenizer, text_encoder, texts[:1])
 
                 def fill(arr):
                     for i in range(0, len(texts), 4096):
                         e = encode_prompts(tokenizer, text_encoder, texts[i:i + 4096], batch_size)
                         arr[i:i + len(e)] = e.cpu().half().numpy()
-                _atomic_npy(cache_path, (len(texts), *probe.shape[1:]), np.float16, fill)
-            _barrier()  # every process, whether or not it wrote (a conditional barrier can deadlock)
+                atomic_npy(cache_path, (len(texts), *probe.shape[1:]), np.float16, fill)
+            barrier()  # every process, whether or not it wrote (a conditional barrier can deadlock)
             self.table = np.load(cache_path, mmap_mode="r")
             if len(self.table) != len(texts):
                 raise ValueError(f"{cache_path} holds {len(self.table)} embeddings, expected {len(texts)}; delete it")
@@ -250,8 +185,6 @@ def list_images(root: str | os.PathLike) -> list[str]:
 
 def load_image(path, resolution: int) -> torch.Tensor:
     """RGB image -> [3, R, R] float in [-1, 1]: short side resized to R (bicubic, antialiased), centre crop."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -266,10 +199,12 @@ def load_image(path, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> SD latents (posterior mean x scaling_factor; deterministic, so the cache is too)."""
+    """[-1, 1] images -> model-space latents: (posterior mean - shift_factor) x scaling_factor, as the diffusers
+    pipelines scale them (SD3 / Flux VAEs have a shift factor); deterministic, so the cache is too."""
     p = next(vae.parameters())
     dist = vae.encode(images.to(p.device, p.dtype)).latent_dist
-    return dist.mean.float() * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (dist.mean.float() - shift) * vae.config.scaling_factor
 
 
 def latent_cache(data: str, vae, resolution: int, cache_path: Path | None, cache_dir: Path, max_real: int = 0,
@@ -293,8 +228,7 @@ def latent_cache(data: str, vae, resolution: int, cache_path: Path | None, cache
                                    float(vae.config.scaling_factor)]).encode()).hexdigest()[:12]
     path = Path(cache_path) if cache_path else cache_dir / f"latents-{key}.npy"
     meta_path = path.with_suffix(".json")
-    if not path.is_file() and _is_local_writer():
-        from tqdm.auto import tqdm
+    if not path.is_file() and is_local_writer():
 
         h = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
         shape = (len(files), vae.config.latent_channels, h, h)
@@ -309,8 +243,8 @@ def latent_cache(data: str, vae, resolution: int, cache_path: Path | None, cache
         meta_path.write_text(json.dumps({"data": str(src.resolve()), "files": files, "resolution": resolution,
                                          "teacher": teacher_id, "encoding": "vae posterior mean x scaling_factor",
                                          "dtype": "float16"}))
-        _atomic_npy(path, shape, np.float16, fill)
-    _barrier()
+        atomic_npy(path, shape, np.float16, fill)
+    barrier()
     arr = np.load(path, mmap_mode="r")
     if len(arr) != len(files):
         raise ValueError(f"latent cache {path} holds {len(arr)} latents but {src} has {len(files)} images; delete the "
@@ -350,7 +284,7 @@ def load_teacher_parts(teacher: str, variant: str = ""):
 
     if teacher is None:
         raise ValueError("teacher= is required: a diffusers Stable Diffusion folder or hub id, e.g. "
-                         "stable-diffusion-v1-5/stable-diffusion-v1-5 (see the README section on Stable Diffusion v1.5)")
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5 (see docs/sd.md)")
     kw = load_kwargs(teacher, variant)
     try:
         unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", torch_dtype=torch.float32, **kw)
@@ -364,7 +298,7 @@ def load_teacher_parts(teacher: str, variant: str = ""):
         raise FileNotFoundError(
             f"cannot load the Stable Diffusion teacher {teacher!r}: {e}\nDownload it once with "
             "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir SD15` and pass "
-            "teacher=SD15 (the README section on Stable Diffusion v1.5).") from None
+            "teacher=SD15 (docs/sd.md).") from None
     return unet, sched, vae, text_encoder, tokenizer
 
 
@@ -388,8 +322,8 @@ def build(cfg, device) -> Task:
     t = check_task_keys(cfg.task, DEFAULTS, "coco_t2i")
     if cfg.noise.grid != "vp":
         raise ValueError("pipeline coco_t2i uses the teacher's DDPM grid: set noise.grid: vp")
-    if t["teacher_dtype"] not in _DTYPES or t["vae_dtype"] not in _DTYPES:
-        raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(_DTYPES)}")
+    if t["teacher_dtype"] not in DTYPES or t["vae_dtype"] not in DTYPES:
+        raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(DTYPES)}")
     if not cfg.prompts:
         raise ValueError("prompts= is required for coco_t2i: a COCO captions JSON or a text file, one prompt per line")
     device = torch.device(device)
@@ -401,13 +335,13 @@ def build(cfg, device) -> Task:
         raise ValueError(f"task.generator_timestep must lie in [0, {T - 1}]")
     sigmas = vp_sigmas(ac)
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max),
-                             generator_sigma=float(sigmas[t["generator_timestep"]]))
+                             generator_sigma=float(sigmas[t["generator_timestep"]]), time="index")
     fm = list(t["feature_modules"])
 
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.
     gen_den = VPUNetDenoiser(copy.deepcopy(unet), ac, pred, fm).requires_grad_(True).train()
     fake = VPUNetDenoiser(copy.deepcopy(unet), ac, pred, fm).requires_grad_(True).train()
-    teacher_vp = freeze(VPUNetDenoiser(unet.to(_DTYPES[t["teacher_dtype"]]), ac, pred, fm))
+    teacher_vp = freeze(VPUNetDenoiser(unet.to(DTYPES[t["teacher_dtype"]]), ac, pred, fm))
     if t["xformers"]:
         try:
             for net in (gen_den, fake, teacher_vp):
@@ -423,9 +357,15 @@ def build(cfg, device) -> Task:
     generator = OneStepGenerator(gen_den, schedule.generator_sigma, (unet.config.in_channels, lat, lat))
 
     text_encoder.to(device).eval().requires_grad_(False)
-    vae.to(device, _DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
+    vae.to(device, DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
     uncond = encode_prompts(tokenizer, text_encoder, [""])
-    teacher = freeze(CFGDenoiser(teacher_vp, t["guidance_scale"], uncond))
+    max_len = tokenizer.model_max_length
+    if not isinstance(t["text_mask"], bool):
+        raise ValueError(f"task.text_mask must be true or false, got {t['text_mask']!r}")
+    uncond_cond = {"encoder_hidden_states": uncond}
+    if t["text_mask"]:  # the empty prompt's BOS and EOS only
+        uncond_cond["encoder_attention_mask"] = text_mask(token_lengths(tokenizer, [""]), max_len, uncond.device)
+    teacher = freeze(CFGDenoiser(teacher_vp, t["guidance_scale"], uncond_cond))
 
     # The discriminator head is built from the teacher's feature shapes (same init on every process: the trainer
     # seeded the global RNG; nothing process-dependent has drawn from it yet).
@@ -472,6 +412,8 @@ def build(cfg, device) -> Task:
                       Path(t["text_cache_dir"] or cache_dir) / f"text-{key}.npy", t["encode_batch_size"])
     eval_prompts = prompts[:t["eval_prompts"]]
     eval_cond = encode_prompts(tokenizer, text_encoder, eval_prompts)
+    lengths = token_lengths(tokenizer, texts) if t["text_mask"] else None
+    eval_lengths = token_lengths(tokenizer, eval_prompts) if t["text_mask"] else None
     if mode != "online":
         text_encoder.cpu()
 
@@ -479,9 +421,15 @@ def build(cfg, device) -> Task:
         dev = rng.device if rng is not None else dev
         return torch.randint(0, high, (n,), generator=rng, device=dev).cpu()
 
+    def cond_of(ids, dev):
+        c = {"encoder_hidden_states": bank.get(ids, dev)}
+        if lengths is not None:
+            c["encoder_attention_mask"] = text_mask(lengths[ids], max_len, dev)
+        return c
+
     def sample_cond(n, rng, dev):
         ids = prompt_ids[_randint(len(prompt_ids), n, rng, dev)]
-        return {"encoder_hidden_states": bank.get(ids, dev)}
+        return cond_of(ids, dev)
 
     def sample_real(n, rng, dev):
         if latents is None:
@@ -496,17 +444,19 @@ def build(cfg, device) -> Task:
         if len(cap_ids):  # a caption of the image itself, uniformly among its captions
             j = offsets[idx] + torch.minimum((u * c).long(), (c - 1).clamp(min=0))
             ids = torch.where(c > 0, cap_ids[j.clamp(max=len(cap_ids) - 1)], ids)
-        return x.to(dev), {"encoder_hidden_states": bank.get(ids, dev)}
+        return x.to(dev), cond_of(ids, dev)
 
     def evaluate(gen, run_dir, final=False, step=0):
-        from ..sampling import per_image_latents, save_grid
 
         k = len(eval_prompts)
         z = per_image_latents(range(k), generator.latent_shape, device)
         imgs = []
         with torch.no_grad():
             for i in range(0, k, 8):
-                x = gen(z[i:i + 8], {"encoder_hidden_states": eval_cond[i:i + 8].to(device)}).float()
+                c = {"encoder_hidden_states": eval_cond[i:i + 8].to(device)}
+                if lengths is not None:
+                    c["encoder_attention_mask"] = text_mask(eval_lengths[i:i + 8], max_len, device)
+                x = gen(z[i:i + 8], c).float()
                 imgs.append(decode(vae, x).cpu())
         save_grid(torch.cat(imgs), Path(run_dir) / (f"samples_{step:06d}.png" if not final else
                                                     "samples_student.png"), nrow=min(8, k))
@@ -518,44 +468,3 @@ def build(cfg, device) -> Task:
         "eval_prompts": eval_prompts}
     return Task(teacher=teacher, generator=generator, fake_score=fake, discriminator=disc, schedule=schedule,
                 sample_cond=sample_cond, sample_real=sample_real, evaluate=evaluate, sigma_data=0.5, info=info)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# pre-encoding the real images once (before a multi-process launch)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m fdistill.pipelines.coco_t2i encode-latents --teacher T --data IMAGES --out LATENTS.npy"""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m fdistill.pipelines.coco_t2i",
-                                description="Encode real images to SD latents once (float16 .npy memmap + a .json "
-                                            "of file names); then train with data=LATENTS.npy.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("encode-latents")
-    e.add_argument("--teacher", required=True)
-    e.add_argument("--data", required=True, help="image folder (recursive)")
-    e.add_argument("--out", required=True, help="output .npy (a .json with the file list is written beside it)")
-    e.add_argument("--resolution", type=int, default=0, help="0 = unet.sample_size x VAE factor (SD1.5: 512)")
-    e.add_argument("--max-images", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kw = load_kwargs(a.teacher)
-    vae = AutoencoderKL.from_pretrained(a.teacher, subfolder="vae", **kw).to(device).eval()
-    res = a.resolution or UNet2DConditionModel.load_config(
-        a.teacher, subfolder="unet", local_files_only=kw["local_files_only"])["sample_size"] * vae_factor(vae)
-    out = Path(a.out)
-    if out.suffix != ".npy":
-        raise SystemExit("--out must end in .npy")
-    arr, files = latent_cache(a.data, vae, res, out, out.parent, a.max_images, a.batch_size, str(a.teacher))
-    print(json.dumps({"out": str(out), "num": len(files), "shape": list(arr.shape), "resolution": res}))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-    sys.exit(main())

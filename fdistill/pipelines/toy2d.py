@@ -17,12 +17,14 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image, ImageDraw
 
 from ..denoisers import Denoiser, EDMPrecondMLP, MLPBackbone, as_sigma
 from ..discriminator import MLPHead, Discriminator
 from ..generator import MLPGenerator
 from ..noise import NoiseSchedule
-from . import Task, check_task_keys
+from ..objective import calibration
+from ..task import Task, check_task_keys
 
 DEFAULTS = {
     "num_modes": 8,
@@ -169,8 +171,6 @@ def mode_metrics(x: torch.Tensor, gmm: GMM) -> dict:
 
 def scatter_png(panels: list[tuple[str, np.ndarray]], path, lim: float = 6.0, size: int = 320):
     """Side-by-side scatter plots as a PNG (PIL only; density shown by darkness)."""
-    from PIL import Image, ImageDraw
-
     W = size * len(panels)
     img = Image.new("L", (W, size + 20), 255)
     draw = ImageDraw.Draw(img)
@@ -248,8 +248,6 @@ def build(cfg, device) -> Task:
 @torch.no_grad()
 def _calibration_report(gen, teacher, disc, oracle_fn, schedule, t, device) -> dict:
     """The discriminator's log-ratio against the oracle's on fresh generator samples, per noise range."""
-    from ..objective import calibration
-
     rng = torch.Generator(device=device).manual_seed(999)
     out = {}
     for name, (lo, hi) in {"low": (schedule.sigma_min, 0.3), "mid": (0.3, 2.0), "high": (2.0, schedule.sigma_max)}.items():

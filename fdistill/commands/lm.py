@@ -6,7 +6,7 @@
     fdistill lm dph   [CONFIG.yaml] [key=value ...]   DPH-RL: GRPO + a divergence on near-perfect prompts
     fdistill lm demo  [CONFIG.yaml] [key=value ...]   the toy digit-sum language, every method, one table
 
-Also runnable as ``python -m fdistill.lm.cli ...``.
+Also runnable as ``python -m fdistill.commands.lm ...``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 from fdistill.lm.config import CONFIGS, ConfigError, describe, dump_yaml, load_config
+from fdistill.lm.demo import run_demo
+from fdistill.lm.trainers import TRAINERS
+
+from . import call
 
 DESCRIPTIONS = {
     "dpo": "f-DPO (Wang et al. 2023, arXiv 2309.16240): DPO with the reverse-KL constraint replaced by any "
@@ -80,12 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     cls = CONFIGS[ns.command]
-    try:
-        config, overrides = _split_args(ns.args)
-        cfg = load_config(cls, config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"fdistill lm {ns.command}: {e}", file=sys.stderr)
-        return 2
+    prog = f"fdistill lm {ns.command}"
+    cfg, rc = call(prog, lambda: load_config(cls, *_split_args(ns.args)))
+    if rc:
+        return rc
     if ns.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
@@ -95,19 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # the per-load progress bars drown the training log
     except ImportError:
         pass
-    try:
-        if ns.command == "demo":
-            from fdistill.lm.demo import run_demo
-
-            run_demo(cfg)
-        else:
-            from fdistill.lm.trainers import TRAINERS
-
-            result = TRAINERS[ns.command](cfg)
-            print(f"final checkpoint: {result['final']}")
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"fdistill lm {ns.command}: error: {e}", file=sys.stderr)
-        return 1
+    run = run_demo if ns.command == "demo" else TRAINERS[ns.command]
+    # a failure while training exits 1 (the config was fine); KeyError: a column missing from a data file
+    result, rc = call(prog, run, cfg, errors=(ValueError, FileNotFoundError, KeyError), code=1)
+    if rc:
+        return rc
+    if ns.command != "demo":
+        print(f"final checkpoint: {result['final']}")
     return 0
 
 

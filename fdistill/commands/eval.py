@@ -12,13 +12,24 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from ..metrics.clip_score import PAPER_PRETRAINED, clip_similarities
+from ..metrics.fid import (IMAGE_NPZ_KEYS, _npz_keys, compute_fid, describe_file, features_of, is_stats_file,
+                           list_image_files, load_features_npz, load_image_npz, load_stats, make_reference)
+from ..metrics.inception import load_inception
+from ..metrics.precision_recall import precision_recall
+from ..prompts import read_prompts
+from . import call
+
 EPILOG_FID = """\
 GEN: a folder (or .zip) of images, an .npz of uint8 images NHWC (key arr_0 or x; what `fdistill sample --npz`
 writes), or an .npz of features from --save-features.
 REF: an .npz of statistics with mu/sigma (from `fdistill eval ref`, or EDM's published reference files such as
 imagenet-64x64.npz), a folder/.zip of images, or an .npz of images.
 
-Protocols (the README section on evaluation):
+Protocols (docs/evaluation.md):
   ImageNet-64 (EDM/DMD2/f-distill): 50,000 samples, seeds 0..49999, REF = EDM's imagenet-64x64.npz,
     --mode legacy_tensorflow (chosen automatically for statistics without metadata, such as EDM's).
   COCO-30k (DMD2): --num 30000 --pre-resize 256 --mode clean, REF = statistics of the 30k val2014 images
@@ -29,7 +40,6 @@ Protocols (the README section on evaluation):
 def _device(name: str | None) -> str:
     if name:
         return name
-    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -145,21 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_fid(a) -> dict:
-    from .fid import compute_fid
     return compute_fid(a.gen, a.ref, mode=a.mode, num=a.num, ref_num=a.ref_num, weights=a.inception,
                        batch_size=a.batch_size, device=_device(a.device), num_workers=a.num_workers,
                        pre_resize=a.pre_resize, progress=not a.quiet, save_features=a.save_features)
 
 
 def _run_ref(a) -> dict:
-    from .fid import make_reference
     return make_reference(a.data, a.out, mode=a.mode, num=a.num, weights=a.inception, batch_size=a.batch_size,
                           device=_device(a.device), num_workers=a.num_workers, pre_resize=a.pre_resize,
                           progress=not a.quiet, keep_features=a.keep_features)
 
 
 def _pr_features(source, num, a, device):
-    from .fid import IMAGE_NPZ_KEYS, _npz_keys, features_of, is_stats_file, load_features_npz, load_stats
     s = str(source)
     if s.endswith(".npz") and is_stats_file(s):
         meta = load_stats(s, with_meta=True)[2]
@@ -175,7 +182,6 @@ def _pr_features(source, num, a, device):
 
 
 def _recorded_mode(source) -> str | None:
-    from .fid import is_stats_file, load_stats
     s = str(source)
     if s.endswith(".npz") and is_stats_file(s):
         return load_stats(s, with_meta=True)[2].get("mode")
@@ -183,9 +189,6 @@ def _recorded_mode(source) -> str | None:
 
 
 def _run_pr(a) -> dict:
-    from .fid import describe_file, load_features_npz
-    from .inception import load_inception
-    from .precision_recall import precision_recall
     device = _device(a.device)
     if a.mode is None:
         # Features files record the mode they were computed in; images default to clean.
@@ -206,36 +209,12 @@ def _run_pr(a) -> dict:
 
 
 def read_captions(path: str | os.PathLike, image_names: list[str] | None = None) -> list[str]:
-    """Captions from .txt (one per line), .json (list or {filename: caption}) or .jsonl."""
-    p = Path(path)
-    if p.suffix == ".json":
-        data = json.loads(p.read_text())
-        if isinstance(data, dict):
-            if image_names is None:
-                raise ValueError(f"{p} maps file names to captions, which needs a folder of images")
-            missing = [n for n in image_names if n not in data]
-            if missing:
-                raise ValueError(f"{p} has no caption for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-            return [str(data[n]) for n in image_names]
-        return [str(c) for c in data]
-    if p.suffix == ".jsonl":
-        out = []
-        for line in p.read_text().splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                key = next((k for k in ("caption", "prompt", "text") if k in obj), None)
-                if key is None:
-                    raise ValueError(f"{p}: a line has none of caption/prompt/text: {line[:80]}")
-                out.append(str(obj[key]))
-        return out
-    return p.read_text().splitlines()
+    """Captions paired with images by position (``fdistill.prompts.read_prompts``; a text file keeps its empty
+    lines), or by file name from a {file name: caption} JSON."""
+    return read_prompts(path, image_names=image_names, keep_blank_lines=True)
 
 
 def _run_clip(a) -> dict:
-    import numpy as np
-    from .clip_score import PAPER_PRETRAINED, clip_similarities
-    from .fid import describe_file, list_image_files, load_image_npz
-
     src = str(a.images)
     captions = None
     if src.endswith(".npz"):
@@ -282,11 +261,9 @@ _RUNNERS = {"fid": _run_fid, "ref": _run_ref, "pr": _run_pr, "clip": _run_clip}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = _RUNNERS[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fdistill eval {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    result, rc = call(f"fdistill eval {args.command}", _RUNNERS[args.command], args)
+    if rc:
+        return rc
     _emit(result, getattr(args, "out", None) if args.command != "ref" else None)
     return 0
 
