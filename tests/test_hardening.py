@@ -493,3 +493,34 @@ def test_a_truncated_sample_chunk_is_named(image_run, tmp_path, capsys):
     assert cli_main(["sample", str(image_run), "--num", "8", "--npz", str(npz), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "chunk-000000.npz is unreadable" in err and "delete it" in err
+
+
+# --- the command line: Ctrl-C, closed pipes, --debug ---------------------------------------------------------------
+
+def test_ctrl_c_names_the_step_and_a_closed_pipe_is_quiet(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fdistill.cli", "distill", TOY, f"out={out}", *SMALL,
+                             "steps=100000", "log.ckpt_every=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.list_checkpoints(out):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at generator step" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err and not (out / ckpt.LOCK_NAME).exists()
+    r = subprocess.run(f"{sys.executable} -m fdistill.cli distill {TOY} --dry-run | head -1", shell=True,
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
+    assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
+
+
+def test_debug_shows_the_traceback_of_a_known_failure(capsys, monkeypatch):
+    monkeypatch.setenv("FDISTILL_DEBUG", "0")  # restored at teardown: --debug below sets it
+    assert cli_main(["distill", TOY, "batch_size=0"]) == 2
+    with pytest.raises(ConfigError, match="batch_size"):
+        cli_main(["--debug", "distill", TOY, "batch_size=0"])
