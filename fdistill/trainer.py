@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import tracking
@@ -36,6 +38,7 @@ from .errors import RunInterrupted, TrainingDiverged
 from .generator import unwrap
 from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
 from .ratio import RatioNormalizer
+from .task import Task
 
 # Tests set this to SIGKILL the process after a given generator step, to check exact resumption.
 _KILL_AT_STEP = int(os.environ.get("FDISTILL_TEST_KILL_AT_STEP", "-1"))
@@ -397,12 +400,13 @@ def per_bin_means(means: dict) -> dict:
     return row
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Train (or resume) the run ``cfg.out``. Holds the directory's lock while it runs; Ctrl-C becomes
+def distill(cfg: DistillConfig, task: Task) -> dict:
+    """Train (or resume) the run ``cfg.out`` on ``task`` (built from ``cfg``: ``fdistill.pipelines.build_run_task``
+    seeds and places it as every process must). Holds the directory's lock while it runs; Ctrl-C becomes
     RunInterrupted naming the step reached."""
     state: dict = {}
     try:
-        return _distill(cfg, state)
+        return _distill(cfg, task, state)
     except KeyboardInterrupt:
         last = ckpt.latest_checkpoint(Path(cfg.out))
         raise RunInterrupted(f"interrupted at generator step {state.get('gen_step', 0)}; rerun the same command to "
@@ -411,12 +415,10 @@ def distill(cfg: DistillConfig) -> dict:
         ckpt.release_run_lock(Path(cfg.out))
 
 
-def _distill(cfg: DistillConfig, state: dict) -> dict:
+def _distill(cfg: DistillConfig, task: Task, state: dict) -> dict:
     """The body of ``distill``; ``state`` (empty) receives the counters as the run goes."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy (accelerate's whole stack): only once a run starts
     from accelerate.utils import DistributedDataParallelKwargs
-
-    from .pipelines import build_task
 
     run_dir = Path(cfg.out)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective.disc_features == "fake")
@@ -430,9 +432,6 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # Same initial weights on every process (DDP also broadcasts them); then per-process noise streams.
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
     _check_fsdp(accelerator, cfg, task)
     if cfg.ratio == "oracle" and task.oracle_log_ratio is None:
         raise ConfigError(f"ratio=oracle needs a task with an exact density ratio (toy2d); {cfg.pipeline} has none")
@@ -583,7 +582,6 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
 
     pbar = None
     if is_main and cfg.log.progress:
-        from tqdm.auto import tqdm
         pbar = tqdm(total=cfg.steps, initial=state["gen_step"], desc=f"distill {cfg.pipeline} {divergence.name}",
                     unit="step", dynamic_ncols=True)
     t0, steps_at_t0 = time.time(), state["gen_step"]
@@ -654,8 +652,6 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     elapsed = time.time() - t0
 
     if os.environ.get("FDISTILL_TEST_DUMP_RANKS"):  # tests: every process's final generator, to compare ranks
-        from safetensors.torch import save_file
-
         sd = _full_state_dict(generator) if _is_fsdp(accelerator) else unwrap(generator).state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
                   str(run_dir / f"rank{rank}_generator.safetensors"))
@@ -678,15 +674,3 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     accelerator.end_training()
     return result
 
-
-def main_from_args(config_path: str, overrides: list[str], dry_run: bool = False) -> int:
-    from .config import load_config
-
-    cfg = load_config(config_path, overrides)
-    if dry_run:
-        print(dump_yaml(cfg))
-        return 0
-    res = distill(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (dict, list))}, indent=1))
-    return 0
