@@ -19,14 +19,12 @@ import contextlib
 import copy
 import json
 import math
-import os
-import signal
 import time
 from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -40,8 +38,6 @@ from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
 from .ratio import RatioNormalizer
 from .task import Task
 
-# Tests set this to SIGKILL the process after a given generator step, to check exact resumption.
-_KILL_AT_STEP = int(os.environ.get("FDISTILL_TEST_KILL_AT_STEP", "-1"))
 # Keys of the config that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"steps", "log", "out"}
 
@@ -400,13 +396,36 @@ def per_bin_means(means: dict) -> dict:
     return row
 
 
-def distill(cfg: DistillConfig, task: Task) -> dict:
+@dataclass
+class RunState:
+    """What a callback sees of a run: its directory, this process's rank, the counters (iteration, gen_step,
+    images_seen, skipped_updates; read-only) and the generator's full weights."""
+
+    run_dir: Path
+    rank: int
+    counters: dict
+    generator_state_dict: Callable[[], dict]
+    """The generator's full state dict (unsharded); a collective under FSDP: call it on every process."""
+
+
+class Callback:
+    """Hooks a caller passes to ``distill(cfg, task, callbacks=[...])``, called at named points on every process.
+    The defaults do nothing."""
+
+    def on_step_end(self, step: int, run: RunState) -> None:
+        """After generator step ``step``, its logging, evaluation and checkpoint included."""
+
+    def on_train_end(self, run: RunState) -> None:
+        """After the last generator step, before the final evaluation."""
+
+
+def distill(cfg: DistillConfig, task: Task, callbacks: Sequence[Callback] = ()) -> dict:
     """Train (or resume) the run ``cfg.out`` on ``task`` (built from ``cfg``: ``fdistill.pipelines.build_run_task``
     seeds and places it as every process must). Holds the directory's lock while it runs; Ctrl-C becomes
     RunInterrupted naming the step reached."""
     state: dict = {}
     try:
-        return _distill(cfg, task, state)
+        return _distill(cfg, task, state, list(callbacks))
     except KeyboardInterrupt:
         last = ckpt.latest_checkpoint(Path(cfg.out))
         raise RunInterrupted(f"interrupted at generator step {state.get('gen_step', 0)}; rerun the same command to "
@@ -415,7 +434,7 @@ def distill(cfg: DistillConfig, task: Task) -> dict:
         ckpt.release_run_lock(Path(cfg.out))
 
 
-def _distill(cfg: DistillConfig, task: Task, state: dict) -> dict:
+def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callback]) -> dict:
     """The body of ``distill``; ``state`` (empty) receives the counters as the run goes."""
     from accelerate import Accelerator  # heavy (accelerate's whole stack): only once a run starts
     from accelerate.utils import DistributedDataParallelKwargs
@@ -580,6 +599,8 @@ def _distill(cfg: DistillConfig, task: Task, state: dict) -> dict:
                                    {**state, "config": to_dict(cfg), **spec}, cfg.log.keep_ckpts)
         accelerator.wait_for_everyone()
 
+    run_state = RunState(run_dir, rank, state, lambda: _full_state_dict(generator) if _is_fsdp(accelerator)
+                         else unwrap(generator).state_dict())
     pbar = None
     if is_main and cfg.log.progress:
         pbar = tqdm(total=cfg.steps, initial=state["gen_step"], desc=f"distill {cfg.pipeline} {divergence.name}",
@@ -645,16 +666,14 @@ def _distill(cfg: DistillConfig, task: Task, state: dict) -> dict:
             tracking.log_newest_grid(accelerator, trackers, run_dir, step, t_eval)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
-        if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
-            os.kill(os.getpid(), signal.SIGKILL)
+        for cb in callbacks:
+            cb.on_step_end(step, run_state)
     if pbar is not None:
         pbar.close()
     elapsed = time.time() - t0
 
-    if os.environ.get("FDISTILL_TEST_DUMP_RANKS"):  # tests: every process's final generator, to compare ranks
-        sd = _full_state_dict(generator) if _is_fsdp(accelerator) else unwrap(generator).state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
-                  str(run_dir / f"rank{rank}_generator.safetensors"))
+    for cb in callbacks:
+        cb.on_train_end(run_state)
     ran = state["gen_step"] - steps_at_t0  # 0 when resumed at the end: no speed to report
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
               "sec_per_gen_step": elapsed / ran if ran > 0 else None, "skipped_updates": state["skipped_updates"]}

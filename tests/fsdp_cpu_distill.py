@@ -80,8 +80,12 @@ def _report_full_params(full_params):
 
 
 if __name__ == "__main__":
+    from distill_hooks import install  # this script's folder (tests/) is on sys.path
+
     from fdistill import trainer
     from fdistill.cli import main
+
+    install()  # the tests' callbacks: DISTILL_KILL_AT_STEP, DISTILL_DUMP_RANKS
 
     trainer._full_params = _report_full_params(trainer._full_params)
     _read_optimizer = trainer.ckpt.read_optimizer
