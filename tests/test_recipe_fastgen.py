@@ -293,9 +293,9 @@ def test_ema_advances_every_iteration_as_fastgens(tmp_path, monkeypatch):
     snaps = []
     orig = trainer.update_emas
 
-    def spy(accelerator, emas, generator):
+    def spy(par, emas, generator):
         snaps.append({k: v.detach().clone() for k, v in trainer.unwrap(generator).named_parameters()})
-        return orig(accelerator, emas, generator)
+        return orig(par, emas, generator)
 
     monkeypatch.setattr(trainer, "update_emas", spy)
     out = tmp_path / "run"
