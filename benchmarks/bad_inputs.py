@@ -46,6 +46,10 @@ def summary(r: subprocess.CompletedProcess) -> tuple[str, bool]:
     err = r.stderr.strip().splitlines()
     tb = "Traceback (most recent call last)" in r.stderr
     msgs = [line for line in err if "error" in line.lower() or line.startswith(("warning", "fdistill"))]
+    if r.returncode == 0:  # what a successful command said about the input: its warnings, else its last line
+        warns = [line for line in err + r.stdout.splitlines() if line.startswith("warning")]
+        out = [line for line in r.stdout.strip().splitlines() if line.strip() not in ("{", "}")]
+        return ((warns[0] if warns else "ok: " + (out[-1] if out else "")).strip()[:220]), tb
     line = (msgs[-1] if msgs else (err[-1] if err else (r.stdout.strip().splitlines() or [""])[-1]))
     return line.strip()[:220], tb
 
@@ -209,8 +213,9 @@ def main(argv=None) -> int:
     @case("sample: truncated sample chunk in --npz")
     def _():
         fd("sample", good_run, "--num", 4, "--npz", w / "s.npz", "--quiet")
-        f = w / "s.npz"
-        f.write_bytes(f.read_bytes()[:200])
+        parts = w / "s.npz.parts"  # the staging chunks of an interrupted run, one of them cut short
+        parts.mkdir(exist_ok=True)
+        (parts / "chunk-000000.npz").write_bytes((w / "s.npz").read_bytes()[:300])
         return fd("sample", good_run, "--num", 8, "--npz", w / "s.npz", "--quiet")
 
     @case("export: into a non-empty folder")

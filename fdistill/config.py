@@ -325,6 +325,8 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(_finite(o.lr_gen) and o.lr_gen > 0, "optim.lr_gen", o.lr_gen, "a learning rate > 0")
     _need(o.lr_critic is None or (_finite(o.lr_critic) and o.lr_critic > 0), "optim.lr_critic", o.lr_critic,
           "a learning rate > 0 (or null: optim.lr_gen)")
+    _need(o.lr_disc is None or (_finite(o.lr_disc) and o.lr_disc > 0), "optim.lr_disc", o.lr_disc,
+          "a learning rate > 0 (or null: the critic's)")
     _need(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
           "two AdamW decays in [0, 1), e.g. [0.9, 0.999]")
     _need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")

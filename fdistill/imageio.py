@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,10 +151,16 @@ class ChunkStore:
         self.where: dict[int, tuple] = {}
         self.files = sorted(root.glob("chunk-*.npz"))
         for f in self.files:
-            with np.load(f, allow_pickle=False) as d:
-                for row, s in enumerate(d["seeds"].tolist()):
-                    self.records[s] = _record_from(d, row)
-                    self.where[s] = (f, row)
+            try:
+                with np.load(f, allow_pickle=False) as d:
+                    for row, s in enumerate(d["seeds"].tolist()):
+                        self.records[s] = _record_from(d, row)
+                        self.where[s] = (f, row)
+                    if len(d["images"]) != len(d["seeds"]):  # reads the images: a truncated chunk fails here
+                        raise ValueError("images and seeds differ in number")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ValueError(f"{f} is unreadable ({type(e).__name__}: truncated or damaged); delete it and "
+                                 "rerun: its images are generated again") from None
         self.buf: list = []
 
     def has(self, seed: int, record: dict) -> bool:

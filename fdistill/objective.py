@@ -249,8 +249,8 @@ def binned_stats(name: str, values: torch.Tensor, idx: torch.Tensor, num_bins: i
     (sum and count in the bin). The trainer averages both over its logging interval and processes and writes
     their quotient as ``name_binK``: the pooled mean over every sample that fell in bin K (absent if none did)."""
     values, idx = values.reshape(-1).float(), idx.reshape(-1)
-    sums = torch.zeros(num_bins, device=values.device).index_add_(0, idx, values)
-    counts = torch.zeros(num_bins, device=values.device).index_add_(0, idx, torch.ones_like(values))
+    sums = values.new_zeros(num_bins).index_add_(0, idx, values)
+    counts = values.new_zeros(num_bins).index_add_(0, idx, torch.ones_like(values))
     out = {}
     for b in range(num_bins):
         out[f"{PER_BIN_NUM}{name}_bin{b}"] = sums[b]
@@ -262,9 +262,9 @@ def binned_ess(h: torch.Tensor, idx: torch.Tensor, num_bins: int) -> dict:
     """Per-bin effective sample size of the weights, (sum h)^2 / (n sum h^2) within each bin, as
     ``binned_stats`` pairs (one value per bin that the batch visits; the trainer averages it over batches)."""
     h, idx = h.reshape(-1).float(), idx.reshape(-1)
-    s1 = torch.zeros(num_bins, device=h.device).index_add_(0, idx, h)
-    s2 = torch.zeros(num_bins, device=h.device).index_add_(0, idx, h * h)
-    n = torch.zeros(num_bins, device=h.device).index_add_(0, idx, torch.ones_like(h))
+    s1 = h.new_zeros(num_bins).index_add_(0, idx, h)
+    s2 = h.new_zeros(num_bins).index_add_(0, idx, h * h)
+    n = h.new_zeros(num_bins).index_add_(0, idx, torch.ones_like(h))
     present = (n > 0).float()
     ess = torch.where(n > 0, s1 ** 2 / (n * s2).clamp(min=1e-12), torch.zeros_like(s1))
     out = {}

@@ -29,11 +29,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint as ckpt
+from . import tracking
 from .config import ConfigError, DistillConfig, dump_yaml, to_dict
 from .divergences import get_divergence
 from .errors import RunInterrupted, TrainingDiverged
 from .generator import unwrap
-from . import tracking
 from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
 from .ratio import RatioNormalizer
 
@@ -238,14 +238,13 @@ def _prepare(accelerator, net, opt):
         plugin.transformer_cls_names_to_wrap = classes
 
 
-def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> torch.Tensor:
+def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
     """Backpropagate ``micro_loss()`` (draws a micro-batch, returns its loss) ``n_micro`` times, each loss
     scaled by 1/n_micro, so the gradients are those of the mean over all micro-batches. The networks
     that get gradients (``nets``, prepared) synchronise across processes only in the last backward: DDP's
     and FSDP1's no_sync, FSDP2's set_requires_gradient_sync, through ``accelerator.no_sync``. (Not
     ``accelerator.accumulate``: it counts one global step, and here the critic's and the generator's
-    optimizers step on their own cadences.) Returns the mean loss, detached."""
-    total = 0.0
+    optimizers step on their own cadences.)"""
     for i in range(n_micro):
         with contextlib.ExitStack() as stack:
             if i < n_micro - 1:
@@ -253,8 +252,6 @@ def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> torch.T
                     stack.enter_context(accelerator.no_sync(net))
             loss = micro_loss()
             accelerator.backward(loss / n_micro if n_micro > 1 else loss)
-            total = total + loss.detach().float() / n_micro
-    return total
 
 
 def _check_fsdp(accelerator, cfg: DistillConfig, task) -> None:

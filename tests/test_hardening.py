@@ -466,3 +466,30 @@ def test_sample_and_export_refuse_non_finite_weights(image_run, tmp_path, capsys
     assert not (tmp_path / "exp").exists()
     # the raw generator is finite: exporting it is allowed
     assert cli_main(["export", str(run), str(tmp_path / "exp"), "--which", "generator"]) == 0
+
+
+def test_image_npz_errors_name_the_problem(tmp_path):
+    import numpy as np
+
+    from fdistill.metrics.fid import load_image_npz
+
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError) as e:
+        load_image_npz(tmp_path / "obj.npz")
+    assert "allow_pickle" not in str(e.value) and "obj.npz" in str(e.value)
+    np.savez(tmp_path / "m.npz", m=np.zeros(3))
+    with pytest.raises(ValueError, match=r"neither FID statistics \('mu', 'sigma'\) nor images"):
+        load_image_npz(tmp_path / "m.npz")
+
+
+def test_a_truncated_sample_chunk_is_named(image_run, tmp_path, capsys):
+    npz = tmp_path / "s.npz"
+    assert cli_main(["sample", str(image_run), "--num", "4", "--npz", str(npz), "--quiet", "--batch", "2"]) == 0
+    parts = tmp_path / "s.npz.parts"
+    parts.mkdir(exist_ok=True)
+    chunk = parts / "chunk-000000.npz"
+    chunk.write_bytes(npz.read_bytes()[:300])  # a chunk cut short
+    capsys.readouterr()
+    assert cli_main(["sample", str(image_run), "--num", "8", "--npz", str(npz), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "chunk-000000.npz is unreadable" in err and "delete it" in err

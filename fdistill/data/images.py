@@ -291,7 +291,13 @@ def npz_member(path: str, key: str):
                     return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
                                      order="F" if fortran else "C")
     with np.load(path, allow_pickle=False) as z:
-        return z[key]
+        try:
+            return z[key]
+        except ValueError as e:  # numpy's message would suggest allow_pickle: loading it would run the file
+            if "pickle" not in str(e) and "Object arrays" not in str(e):
+                raise
+            raise ValueError(f"{path}: array {key!r} holds Python objects, not numbers; fdistill reads only plain "
+                             "numeric arrays (np.savez of uint8 images)") from None
 
 
 class NpzImageDataset(ImageDataset):

@@ -291,7 +291,7 @@ def _open_npz(path):
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:  # a member cut short
             raise _unreadable_npz(path, e) from None
         except ValueError as e:
-            if "pickle" in str(e):
+            if "pickle" in str(e) or "Object arrays" in str(e):
                 raise _unreadable_npz(path, e) from None
             raise
 
@@ -347,7 +347,9 @@ def load_image_npz(path: str | os.PathLike) -> np.ndarray:
     keys = _npz_keys(path)
     key = next((k for k in IMAGE_NPZ_KEYS if k in keys), None)
     if key is None:
-        raise ValueError(f"{path}: no images under any of {IMAGE_NPZ_KEYS}; keys are {keys}")
+        what = "FID statistics need both 'mu' and 'sigma'" if {"mu", "sigma"} & set(keys) else \
+            f"neither FID statistics ('mu', 'sigma') nor images (one of {IMAGE_NPZ_KEYS})"
+        raise ValueError(f"{path} holds {what}; its keys are {keys}")
     arr = _npz_array(path, key)
     if arr.dtype != np.uint8:
         raise ValueError(f"{path}[{key!r}] must be uint8 images, got {arr.dtype}")
