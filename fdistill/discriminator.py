@@ -1,6 +1,6 @@
 """The discriminator: small heads on a denoiser's encoder features; logit = estimated log(p/q).
 
-The head of REFERENCE.md section 3 (DMD2 and FastGen alike), on an 8x8 bottleneck:
+The head of DMD2 and FastGen alike (tianweiy/DMD2, NVlabs/FastGen networks/discriminators.py), on an 8x8 bottleneck:
     conv4x4 stride 2 -> GroupNorm -> SiLU -> conv4x4 stride 4 -> GroupNorm -> SiLU -> conv1x1 -> 1 logit.
 Several feature maps (CIFAR-10 used 32, 16 and 8) get one head each and their logits are averaged.
 Trained with the non-saturating logistic loss, whose optimum is logit = log(p_t / q_t).

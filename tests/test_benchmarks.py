@@ -52,7 +52,7 @@ def test_step_benchmark_tiny(tmp_path):
         assert r["phases"][div]["generator_step"]["critic_per_gen"] == s["critic_per_gen"]
     assert r["generator"] == r["phases"]["js"]["generator"] and r["critic"] == r["phases"]["js"]["critic"]
 
-    # DESIGN.md: a generator iteration is one generator forward+backward, ONE teacher pass (score and features)
+    # The cost model: a generator iteration is one generator forward+backward, ONE teacher pass (score and features)
     # with the gradient flowing back through it to x_t, one fake-score forward without backward
     g = r["calls_per_iter"]["generator"]
     assert {n: (g[n]["forward"], g[n]["backward"]) for n in NETS} == {

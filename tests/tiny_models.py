@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from tiny_teachers import clip_tokenizer
+
 
 def tiny_edm_unet(classes: int | None = 10, seed: int = 0, block_out_channels=(32, 64)):
     from diffusers import UNet2DModel
@@ -28,22 +30,7 @@ def tiny_edm_teacher(path, seed: int = 0, block_out_channels=(32, 64)) -> Path:
 
 
 def _tokenizer(max_len=16):
-    from transformers import CLIPTokenizer
-
-    # CLIP's byte-level alphabet (GPT-2's bytes_to_unicode), with and without the end-of-word marker; no merges
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in cs:
-        vocab.setdefault(chr(c), len(vocab))
-    for c in cs:
-        vocab.setdefault(chr(c) + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+    return clip_tokenizer(max_len)
 
 
 def make_tiny_sd(path, prediction_type="epsilon", seed=0):

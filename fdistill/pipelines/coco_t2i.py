@@ -318,6 +318,17 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # the task
 
 
+def task_prompts(path, max_prompts: int) -> list[str]:
+    """The training prompts of a text-to-image task: ``path`` read by the one prompt reader, the first
+    ``max_prompts`` of them (0: all); an empty list is an error."""
+    prompts = read_prompts(path)
+    if max_prompts:
+        prompts = prompts[:max_prompts]
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
 def build(cfg, device) -> Task:
     t = check_task_keys(cfg.task, DEFAULTS, "coco_t2i")
     if cfg.noise.grid != "vp":
@@ -375,11 +386,7 @@ def build(cfg, device) -> Task:
     disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
 
     # prompts and the real images' captions, embedded once
-    prompts = read_prompts(cfg.prompts)
-    if t["max_prompts"]:
-        prompts = prompts[:t["max_prompts"]]
-    if not prompts:
-        raise ValueError(f"no prompts in {cfg.prompts}")
+    prompts = task_prompts(cfg.prompts, t["max_prompts"])
     cache_dir = Path(cfg.out) / "cache"
     if cfg.data:
         latents, files = latent_cache(cfg.data, vae, res, Path(t["latent_cache"]) if t["latent_cache"] else None,

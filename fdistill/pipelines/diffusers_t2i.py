@@ -50,10 +50,9 @@ from .. import weights as ex
 from ..hub import load_kwargs
 from ..imageio import save_grid
 from ..lora import LoraSpec, adapter_state, lora_networks, merge, save_lora_weights
-from ..prompts import read_prompts
 from ..sampler import SampleSource, per_image_latents
 from ..task import Task, check_task_keys
-from .coco_t2i import _real_caption_table, latent_cache
+from .coco_t2i import _real_caption_table, latent_cache, task_prompts
 
 FAMILIES = {
     # pipeline key: (diffusers pipeline class, denoising network subfolder, noise grid)
@@ -290,11 +289,7 @@ def build(cfg, device) -> Task:
                                          {k: v.to(device) for k, v in uncond.items()}, mode="features")
     disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
 
-    prompts = read_prompts(cfg.prompts)
-    if t["max_prompts"]:
-        prompts = prompts[:t["max_prompts"]]
-    if not prompts:
-        raise ValueError(f"no prompts in {cfg.prompts}")
+    prompts = task_prompts(cfg.prompts, t["max_prompts"])
     cache_dir = Path(cfg.out) / "cache"
     if cfg.data:
         latents, files = latent_cache(cfg.data, pipe.vae, res, Path(t["latent_cache"]) if t["latent_cache"] else
