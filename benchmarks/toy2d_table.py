@@ -26,6 +26,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from fdistill.config import load_config
+    from fdistill.pipelines import build_run_task
     from fdistill.trainer import distill
 
     results = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
@@ -39,7 +40,7 @@ def main():
                                                          f"out={a.runs}/{d}_{ratio}_{s}", "log.progress=false",
                                                          *a.overrides])
                 t0 = time.time()
-                r = distill(cfg)
+                r = distill(cfg, build_run_task(cfg))
                 r["wall_sec"] = round(time.time() - t0, 1)
                 results[key] = r
                 Path(a.out).write_text(json.dumps(results, indent=1))

@@ -42,7 +42,7 @@ def _distill(argv: list[str]) -> int:
                    "(divergence=forward_kl steps=100 optim.lr_gen=1e-5 ratio_norm.bin_ema=0.5)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     a = p.parse_args(argv)
-    return _main_of("fdistill.trainer", "main_from_args")(a.config, a.overrides, a.dry_run)
+    return _main_of("fdistill.commands.distill", "main_from_args")(a.config, a.overrides, a.dry_run)
 
 
 def _main_of(module: str, func: str = "main"):

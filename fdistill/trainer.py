@@ -19,14 +19,14 @@ import contextlib
 import copy
 import json
 import math
-import os
-import signal
 import time
 from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import tracking
@@ -35,10 +35,10 @@ from .divergences import get_divergence
 from .errors import RunInterrupted, TrainingDiverged
 from .generator import unwrap
 from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
+from .parallel import OptimPart, Parallel
 from .ratio import RatioNormalizer
+from .task import Task
 
-# Tests set this to SIGKILL the process after a given generator step, to check exact resumption.
-_KILL_AT_STEP = int(os.environ.get("FDISTILL_TEST_KILL_AT_STEP", "-1"))
 # Keys of the config that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"steps", "log", "out"}
 
@@ -125,119 +125,6 @@ class NonFiniteGuard:
         return False
 
 
-def _is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2) as the ordinary tensor it stands for."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _grad_norm(accelerator, net, clip: float) -> torch.Tensor:
-    """Clip the prepared ``net``'s gradients to norm ``clip`` (0: no clipping); returns the norm of the whole
-    gradient before clipping, also under FSDP, where each process holds shards."""
-    max_norm = clip if clip and clip > 0 else float("inf")
-    if not _is_fsdp(accelerator):
-        norm = accelerator.clip_grad_norm_(net.parameters(), max_norm)
-    # Under FSDP, what accelerator.clip_grad_norm_ calls, without its search for the model: it compares
-    # parameter lists with ==, which raises for two models of one architecture (generator and fake score).
-    elif accelerator.is_fsdp2:
-        norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), max_norm)  # DTensor grads: global norm
-    else:
-        norm = net.clip_grad_norm_(max_norm)  # FSDP1's own: reduced over the shards
-    return _plain(norm)
-
-
-def _full_state_dict(net) -> dict:
-    """A prepared network's full state dict, gathered on every process, on its device (FSDP1 and FSDP2 alike).
-    Collective under FSDP: every process calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
-
-
-class _FullParams:
-    """What ``AveragedModel.update_parameters`` reads from a model (parameters(), buffers(), in ``like``'s order),
-    taken from a full state dict: the EMA of a sharded generator is updated from its gathered parameters."""
-
-    def __init__(self, like: torch.nn.Module, state: dict):
-        self.like, self.state = like, state
-
-    def parameters(self):
-        return (self.state[n] for n, _ in self.like.named_parameters())
-
-    def buffers(self):  # non-persistent buffers are not in a state dict: constants, left as they are
-        return (self.state.get(n, b) for n, b in self.like.named_buffers())
-
-
-def _reshard_setting(unit):
-    """An FSDP2 unit's reshard-after-forward setting, as torch holds it. It differs between units: accelerate
-    wraps the root with None, which torch resolves to no resharding at the first forward (the parameters would
-    be gathered again at once for the backward), the inner units with the plugin's value. The public
-    ``set_reshard_after_forward`` takes a bool and cannot say None, hence torch's private fields."""
-    state = unit._get_fsdp_state()
-    return state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]
-
-
-def _set_reshard_setting(unit, setting):
-    state = unit._get_fsdp_state()
-    state._auto_reshard_after_forward, meshes = setting
-    for group, mesh in zip(state._fsdp_param_groups, meshes, strict=True):
-        group.post_forward_mesh_info = mesh
-
-
-@contextlib.contextmanager
-def _full_params(accelerator, nets):
-    """Inside, every prepared network holds its whole parameters on every process, so that the main process can
-    run one alone (evaluation) while the others wait; outside FSDP it does nothing. Every process enters it.
-    Costs one full copy of each network per process while it lasts. On leaving, FSDP2's units reshard after
-    forward exactly as they did before."""
-    if not _is_fsdp(accelerator):
-        yield
-        return
-    if accelerator.is_fsdp2:
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for net in nets for m in net.modules() if isinstance(m, FSDPModule)]
-        saved = [_reshard_setting(u) for u in units]
-        for u in units:  # gather now and keep: forwards on one process must not all-gather again
-            u.unshard()
-            u.set_reshard_after_forward(False, recurse=False)
-        try:
-            yield
-        finally:
-            for u, setting in zip(units, saved):
-                u.reshard()
-                _set_reshard_setting(u, setting)
-    else:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        # the unwrapped modules then hold the full parameters; the FSDP wrappers must not be called inside
-        with contextlib.ExitStack() as stack:
-            for net in nets:
-                stack.enter_context(FSDP.summon_full_params(net, writeback=False))
-            yield
-
-
-def _prepare(accelerator, net, opt):
-    """accelerator.prepare(net, opt). FSDP2 looks the transformer-wrap classes up in each model and refuses a
-    model that lacks one; the networks differ (the discriminator head has no UNet blocks), so each is wrapped
-    at those of the classes it has (none: one unit)."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None) if _is_fsdp(accelerator) else None
-    classes = getattr(plugin, "transformer_cls_names_to_wrap", None) if accelerator.is_fsdp2 else None
-    if not classes:
-        return accelerator.prepare(net, opt)
-    present = {type(m).__name__ for m in net.modules()}
-    plugin.transformer_cls_names_to_wrap = [c for c in classes if c in present]
-    try:
-        return accelerator.prepare(net, opt)
-    finally:
-        plugin.transformer_cls_names_to_wrap = classes
-
-
 def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
     """Backpropagate ``micro_loss()`` (draws a micro-batch, returns its loss) ``n_micro`` times, each loss
     scaled by 1/n_micro, so the gradients are those of the mean over all micro-batches. The networks
@@ -254,93 +141,12 @@ def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
             accelerator.backward(loss / n_micro if n_micro > 1 else loss)
 
 
-def _check_fsdp(accelerator, cfg: DistillConfig, task) -> None:
-    """Refuse up front what would fail or hang later under FSDP (README, FSDP section: limits)."""
-    if not _is_fsdp(accelerator):
-        return
-    if cfg.compile:
-        raise ValueError("compile=true is not supported under FSDP (it would wrap the compiled module); let "
-                         "accelerate compile instead (accelerate launch --dynamo_backend inductor)")
-    if accelerator.is_fsdp2:
-        return
-    # FSDP1 replaces a network's parameters by flat shards: only its wrapper's forward can run it.
-    if cfg.ratio == "oracle":
-        raise ValueError("ratio=oracle calls the generator outside its FSDP1 wrapper (the oracle's density "
-                         "estimate of its samples), where FSDP1 leaves only flat shards of its parameters; run it "
-                         "under FSDP2 (accelerate launch --fsdp_version 2) or DDP")
-    if task.evaluate_uses_networks and accelerator.state.fsdp_plugin.auto_wrap_policy is not None:
-        raise ValueError(f"pipeline {cfg.pipeline} evaluates through its own references to the networks, and "
-                         "FSDP1 with an auto-wrap policy makes nested units, which cannot run on one process: the "
-                         "evaluation would hang. Use FSDP2 (accelerate launch --fsdp_version 2), or FSDP1 without "
-                         "an auto-wrap policy (--fsdp_auto_wrap_policy NO_WRAP)")
-
-
-class OptimPart(NamedTuple):
-    """One trainable network with its optimizer. A checkpoint's optimizer state is one or several of these."""
-    net: torch.nn.Module  # prepared (wrapped, under FSDP sharded)
-    opt: torch.optim.Optimizer  # accelerate's wrapper of it
-    names: list[str]  # parameter names in the optimizer's order, taken before any wrapper renamed them
-
-
-def gather_optimizer_states(accelerator, parts: dict[str, list[OptimPart]]) -> dict | None:
-    """Checkpoint name -> full optimizer state dict, keyed by parameter index as a plain optimizer's, on the main
-    process (None elsewhere). Under FSDP each process holds shards of the states: they are gathered by parameter
-    name (collective: every process calls this) and re-keyed by index, so the files are those a single process
-    writes."""
-    if not _is_fsdp(accelerator):
-        return {key: ckpt.merge_optim_states([p.opt.state_dict() for p in ps]) for key, ps in parts.items()} \
-            if accelerator.is_main_process else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    # On GPUs gathered to the main process's CPU memory alone. On a CPU device FSDP1 relies on .cpu() to copy
-    # each state out of one reused gather buffer (a no-op there, so exp_avg came back equal to exp_avg_sq):
-    # there every process gathers, which clones.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu")
-    out = {}
-    for key, ps in parts.items():
-        sds = [get_optimizer_state_dict(p.net, p.opt.optimizer, options=options) for p in ps]
-        if accelerator.is_main_process:
-            out[key] = ckpt.merge_optim_states([ckpt.optim_state_by_index(sd, p.names) for sd, p in zip(sds, ps)])
-    return out if accelerator.is_main_process else None
-
-
-def load_optimizer_states(accelerator, parts: dict[str, list[OptimPart]], folder: Path) -> None:
-    """Resume the optimizers from the checkpoint ``folder``. Under FSDP the main process alone reads the full
-    states and broadcasts them, and every process keeps its shard: one full copy in host memory rather than one
-    per process (an SD1.5 UNet's AdamW state is ~7 GB). Collective under FSDP."""
-    if not _is_fsdp(accelerator):
-        for key, ps in parts.items():
-            sds = ckpt.split_optim_state(ckpt.read_optimizer(folder, key), [len(p.names) for p in ps])
-            for p, sd in zip(ps, sds):
-                p.opt.load_state_dict(sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for key, ps in parts.items():
-        sds = ckpt.split_optim_state(ckpt.read_optimizer(folder, key), [len(p.names) for p in ps]) \
-            if accelerator.is_main_process else [None] * len(ps)
-        for p, sd in zip(ps, sds):  # the other processes pass an empty state and receive theirs
-            full = ckpt.optim_state_by_name(sd, p.names) if sd is not None else {}
-            set_optimizer_state_dict(p.net, p.opt.optimizer, full, options=options)
-
-
-def gather_weights(accelerator, nets: dict) -> dict:
-    """Name -> what a checkpoint saves of each prepared network: under FSDP its full state dict, gathered on the
-    main process (collective); otherwise the live module."""
-    if not _is_fsdp(accelerator):
-        return {name: unwrap(net) for name, net in nets.items()}
-    return {name: accelerator.get_state_dict(net) for name, net in nets.items()}
-
-
-def update_emas(accelerator, emas: dict, generator) -> None:
-    """One step of every EMA from the prepared ``generator``. The EMAs are full copies on every process; under
-    FSDP they are updated from the gathered generator (one all-gather, a transient full copy per process)."""
+def update_emas(par: Parallel, emas: dict, generator) -> None:
+    """One step of every EMA from the prepared ``generator``. The EMAs are full copies on every process (also
+    under FSDP: ``Parallel.ema_source``)."""
     if not emas:
         return
-    src = unwrap(generator)
-    if _is_fsdp(accelerator):
-        src = _FullParams(next(iter(emas.values())).module, _full_state_dict(generator))
+    src = par.ema_source(generator, next(iter(emas.values())).module)
     for ema in emas.values():
         ema.update_parameters(src)
 
@@ -353,25 +159,24 @@ class Evaluator:
     whose evaluation calls its own references to the networks (``Task.evaluate_uses_networks``: the 2-D toy) has
     them hold their full parameters on every process meanwhile; for SD1.5 that would be ~7 GB per GPU."""
 
-    def __init__(self, accelerator, task, generator: torch.nn.Module, run_dir: Path):
+    def __init__(self, par: Parallel, task, generator: torch.nn.Module, run_dir: Path):
         """``generator``: the plain one, before accelerate wraps it."""
-        self.accelerator, self.task, self.run_dir = accelerator, task, run_dir
-        self.fsdp = _is_fsdp(accelerator)
-        keep = self.fsdp and accelerator.is_main_process and task.evaluate is not None
+        self.par, self.accelerator, self.task, self.run_dir = par, par.accelerator, task, run_dir
+        keep = par.is_fsdp and par.accelerator.is_main_process and task.evaluate is not None
         self.plain = copy.deepcopy(generator).cpu() if keep else None
 
     def __call__(self, nets: dict, gen=None, *, final: bool, step: int) -> dict | None:
         """Metrics of ``gen`` (None: the current generator, ``nets['generator']``) on the main process."""
         acc, is_main = self.accelerator, self.accelerator.is_main_process
-        if gen is None and self.fsdp:
-            weights = acc.get_state_dict(nets["generator"])  # collective; full on the main process
+        if gen is None and self.par.is_fsdp:
+            weights = self.par.weights_for_evaluation(nets["generator"])  # collective; full on the main process
             if is_main:
                 self.plain.load_state_dict(weights)
                 gen = self.plain.to(acc.device)
         elif gen is None:
             gen = unwrap(nets["generator"])
         metrics = None
-        with _full_params(acc, nets.values()) if self.task.evaluate_uses_networks else contextlib.nullcontext():
+        with self.par.full_params(nets.values()) if self.task.evaluate_uses_networks else contextlib.nullcontext():
             if is_main:
                 metrics = self.task.evaluate(gen, self.run_dir, final=final, step=step)
             acc.wait_for_everyone()
@@ -397,12 +202,36 @@ def per_bin_means(means: dict) -> dict:
     return row
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Train (or resume) the run ``cfg.out``. Holds the directory's lock while it runs; Ctrl-C becomes
+@dataclass
+class RunState:
+    """What a callback sees of a run: its directory, this process's rank, the counters (iteration, gen_step,
+    images_seen, skipped_updates; read-only) and the generator's full weights."""
+
+    run_dir: Path
+    rank: int
+    counters: dict
+    generator_state_dict: Callable[[], dict]
+    """The generator's full state dict (unsharded); a collective under FSDP: call it on every process."""
+
+
+class Callback:
+    """Hooks a caller passes to ``distill(cfg, task, callbacks=[...])``, called at named points on every process.
+    The defaults do nothing."""
+
+    def on_step_end(self, step: int, run: RunState) -> None:
+        """After generator step ``step``, its logging, evaluation and checkpoint included."""
+
+    def on_train_end(self, run: RunState) -> None:
+        """After the last generator step, before the final evaluation."""
+
+
+def distill(cfg: DistillConfig, task: Task, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train (or resume) the run ``cfg.out`` on ``task`` (built from ``cfg``: ``fdistill.pipelines.build_run_task``
+    seeds and places it as every process must). Holds the directory's lock while it runs; Ctrl-C becomes
     RunInterrupted naming the step reached."""
     state: dict = {}
     try:
-        return _distill(cfg, state)
+        return _distill(cfg, task, state, list(callbacks))
     except KeyboardInterrupt:
         last = ckpt.latest_checkpoint(Path(cfg.out))
         raise RunInterrupted(f"interrupted at generator step {state.get('gen_step', 0)}; rerun the same command to "
@@ -411,12 +240,10 @@ def distill(cfg: DistillConfig) -> dict:
         ckpt.release_run_lock(Path(cfg.out))
 
 
-def _distill(cfg: DistillConfig, state: dict) -> dict:
+def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callback]) -> dict:
     """The body of ``distill``; ``state`` (empty) receives the counters as the run goes."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy (accelerate's whole stack): only once a run starts
     from accelerate.utils import DistributedDataParallelKwargs
-
-    from .pipelines import build_task
 
     run_dir = Path(cfg.out)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective.disc_features == "fake")
@@ -430,10 +257,8 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # Same initial weights on every process (DDP also broadcasts them); then per-process noise streams.
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
-    _check_fsdp(accelerator, cfg, task)
+    par = Parallel(accelerator)  # every DDP / FSDP difference
+    par.check(cfg, task)
     if cfg.ratio == "oracle" and task.oracle_log_ratio is None:
         raise ConfigError(f"ratio=oracle needs a task with an exact density ratio (toy2d); {cfg.pipeline} has none")
     divergence = get_divergence(cfg.divergence)
@@ -469,7 +294,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     # EMAs are full copies on every process (also under FSDP): one generator's worth of memory per decay.
     emas = {f"ema_{d:g}": AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
             for d in cfg.ema}
-    evaluator = Evaluator(accelerator, task, generator, run_dir)  # under FSDP it keeps a plain copy: before wrapping
+    evaluator = Evaluator(par, task, generator, run_dir)  # under FSDP it keeps a plain copy: before wrapping
 
     state.update({"iteration": 0, "gen_step": 0, "images_seen": 0, "world_size": world, "skipped_updates": 0})
     last = ckpt.latest_verified_checkpoint(run_dir, world, warn=None if is_main else lambda m: None)  # stderr
@@ -488,9 +313,9 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
              for key, net in (("gen", generator), ("fake", fake_score), ("disc", disc))}
     if cfg.compile:
         generator, fake_score = torch.compile(generator), torch.compile(fake_score)
-    generator, opt_g = _prepare(accelerator, generator, opt_g)
-    fake_score, opt_f = _prepare(accelerator, fake_score, opt_f)
-    disc, opt_d = _prepare(accelerator, disc, opt_d)
+    generator, opt_g = par.prepare(generator, opt_g)
+    fake_score, opt_f = par.prepare(fake_score, opt_f)
+    disc, opt_d = par.prepare(disc, opt_d)
     nets = {"generator": generator, "fake_score": fake_score, "discriminator": disc}
     optim_parts = {"gen": [OptimPart(generator, opt_g, names["gen"])],  # checkpoint name -> its optimizers
                    "critic": [OptimPart(fake_score, opt_f, names["fake"]), OptimPart(disc, opt_d, names["disc"])]}
@@ -499,7 +324,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
                          oracle_log_ratio=task.oracle_log_ratio, use_oracle_weights=cfg.ratio == "oracle")
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
     if last is not None:
-        load_optimizer_states(accelerator, optim_parts, last)
+        par.load_optimizer_states(optim_parts, last)
         ckpt.load_rng(last, rank, rng)
         accelerator.print(f"resumed from {last} at generator step {state['gen_step']}")
         if is_main:
@@ -546,8 +371,8 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
         opt_d.zero_grad(set_to_none=True)
         accumulate_gradients(accelerator, nets.values(), A, critic_micro)
         clip_c = o.grad_clip if o.clip_critic else 0.0  # FastGen clips the generator only
-        norms = {"grad_norm_fake": _grad_norm(accelerator, fake_score, clip_c),
-                 "grad_norm_disc": _grad_norm(accelerator, disc, clip_c)}
+        norms = {"grad_norm_fake": par.grad_norm(fake_score, clip_c),
+                 "grad_norm_disc": par.grad_norm(disc, clip_c)}
         record(norms)
         if guard.ok("a critic update", *norms.values()):
             opt_f.step()
@@ -558,12 +383,12 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
         # the discriminator (and with disc_features=fake the fake score) gets gradients here too; they are
         # dropped by the critic's zero_grad, but their synchronisation is held back as well
         accumulate_gradients(accelerator, nets.values(), A, generator_micro)
-        norm = _grad_norm(accelerator, generator, o.grad_clip)
+        norm = par.grad_norm(generator, o.grad_clip)
         record({"grad_norm_gen": norm})
         if guard.ok("a generator update", norm):
             opt_g.step()
             if cfg.schedule.ema_every == "generator":
-                update_emas(accelerator, emas, generator)
+                update_emas(par, emas, generator)
 
     # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
     spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
@@ -574,16 +399,16 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
             ckpt.begin_checkpoint(run_dir, state["gen_step"])
         accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, rank, rng)
-        weights, optims = gather_weights(accelerator, nets), gather_optimizer_states(accelerator, optim_parts)
+        weights, optims = par.gather_weights(nets), par.gather_optimizer_states(optim_parts)
         accelerator.wait_for_everyone()
         if is_main:
             ckpt.finish_checkpoint(tmp, {**weights, "ratio": ratio, **emas}, optims,
                                    {**state, "config": to_dict(cfg), **spec}, cfg.log.keep_ckpts)
         accelerator.wait_for_everyone()
 
+    run_state = RunState(run_dir, rank, state, lambda: par.full_state_dict(generator))
     pbar = None
     if is_main and cfg.log.progress:
-        from tqdm.auto import tqdm
         pbar = tqdm(total=cfg.steps, initial=state["gen_step"], desc=f"distill {cfg.pipeline} {divergence.name}",
                     unit="step", dynamic_ncols=True)
     t0, steps_at_t0 = time.time(), state["gen_step"]
@@ -593,7 +418,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
             critic_update()
             state["iteration"] += 1
             if per_iteration_ema:
-                update_emas(accelerator, emas, generator)
+                update_emas(par, emas, generator)
             continue
         if cfg.schedule.scheme == "dmd2":
             do_critic, do_gen = True, it % k == 0
@@ -608,7 +433,7 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
             state["images_seen"] += B * world * A
         state["iteration"] += 1
         if per_iteration_ema:  # FastGen's EMA callback: every iteration, critic-only ones too
-            update_emas(accelerator, emas, generator)
+            update_emas(par, emas, generator)
         if not do_gen:
             continue
         step = state["gen_step"]
@@ -647,18 +472,14 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
             tracking.log_newest_grid(accelerator, trackers, run_dir, step, t_eval)
         if step % cfg.log.ckpt_every == 0 or step == cfg.steps:
             save()
-        if step == _KILL_AT_STEP:  # tests: a hard kill (no cleanup) right after this step
-            os.kill(os.getpid(), signal.SIGKILL)
+        for cb in callbacks:
+            cb.on_step_end(step, run_state)
     if pbar is not None:
         pbar.close()
     elapsed = time.time() - t0
 
-    if os.environ.get("FDISTILL_TEST_DUMP_RANKS"):  # tests: every process's final generator, to compare ranks
-        from safetensors.torch import save_file
-
-        sd = _full_state_dict(generator) if _is_fsdp(accelerator) else unwrap(generator).state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
-                  str(run_dir / f"rank{rank}_generator.safetensors"))
+    for cb in callbacks:
+        cb.on_train_end(run_state)
     ran = state["gen_step"] - steps_at_t0  # 0 when resumed at the end: no speed to report
     result = {"gen_steps": state["gen_step"], "kimg": state["images_seen"] / 1000,
               "sec_per_gen_step": elapsed / ran if ran > 0 else None, "skipped_updates": state["skipped_updates"]}
@@ -678,15 +499,3 @@ def _distill(cfg: DistillConfig, state: dict) -> dict:
     accelerator.end_training()
     return result
 
-
-def main_from_args(config_path: str, overrides: list[str], dry_run: bool = False) -> int:
-    from .config import load_config
-
-    cfg = load_config(config_path, overrides)
-    if dry_run:
-        print(dump_yaml(cfg))
-        return 0
-    res = distill(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (dict, list))}, indent=1))
-    return 0

@@ -6,8 +6,8 @@ FSDP plugin (accelerate/state.py, AcceleratorState.__init__). torch's FSDP1 and 
 gloo, so this switches the state to FSDP right after accelerate set it up; from there the trainer goes through
 accelerate's FSDP preparation, clipping, no_sync and state-dict code, and torch's sharded collectives. Not
 through every line the GPUs run, though:
-- the trainer branches on the device where it gathers the optimizer states for a checkpoint
-  (trainer.gather_optimizer_states): on GPUs to the main process's CPU memory alone (cpu_offload=True); on a
+- fdistill.parallel branches on the device where it gathers the optimizer states for a checkpoint
+  (Parallel.gather_optimizer_states): on GPUs to the main process's CPU memory alone (cpu_offload=True); on a
   CPU device, as here, to every process (cpu_offload=False), because FSDP1 there returns views of one reused
   buffer. The GPU path of that gather is not run by these tests;
 - gloo instead of NCCL, and tensors that stay on the CPU: torch's own device moves (the offload to CPU, the
@@ -16,7 +16,7 @@ through every line the GPUs run, though:
 
 It also reports, for the tests, which process reads optimizer states from a checkpoint, and (FSDP2) every
 unit's reshard-after-forward setting before and after each evaluation that gathers the networks
-(trainer._full_params), so that the tests can check an evaluation leaves them as they were.
+(Parallel.full_params), so that the tests can check an evaluation leaves them as they were.
 """
 import contextlib
 import sys
@@ -69,21 +69,26 @@ def _reshard_settings(nets) -> str:
 
 def _report_full_params(full_params):
     @contextlib.contextmanager
-    def wrapped(accelerator, nets):
+    def wrapped(par, nets):
         nets = list(nets)
         before = _reshard_settings(nets)
-        with full_params(accelerator, nets):
+        with full_params(par, nets):
             yield
-        print(f"[fsdp_cpu_distill] rank {accelerator.process_index}: reshard_after_forward around an evaluation: "
+        print(f"[fsdp_cpu_distill] rank {par.accelerator.process_index}: reshard_after_forward around an evaluation: "
               f"before {before} after {_reshard_settings(nets)}", flush=True)
     return wrapped
 
 
 if __name__ == "__main__":
+    from distill_hooks import install  # this script's folder (tests/) is on sys.path
+
     from fdistill import trainer
     from fdistill.cli import main
+    from fdistill.parallel import Parallel
 
-    trainer._full_params = _report_full_params(trainer._full_params)
+    install()  # the tests' callbacks: DISTILL_KILL_AT_STEP, DISTILL_DUMP_RANKS
+
+    Parallel.full_params = _report_full_params(Parallel.full_params)
     _read_optimizer = trainer.ckpt.read_optimizer
 
     def _report_read_optimizer(folder, name):

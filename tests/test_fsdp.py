@@ -44,12 +44,12 @@ FSDP = {1: ["--fsdp_version", "1", "--fsdp_sync_module_states", "false", "--fsdp
 
 def _launch(out, version=None, kill_at=None, fsdp_args=None, config="configs/toy2d.yaml", args=ARGS):
     mode = ["--use_fsdp", *(fsdp_args or FSDP[version])] if version else ["--multi_gpu"]
-    script = "tests/fsdp_cpu_distill.py" if version else "train/distill.py"
+    script = "tests/fsdp_cpu_distill.py" if version else "tests/distill_hooks.py"
     cmd = [ACCELERATE, "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(ROOT / script), str(ROOT / config), f"out={out}", *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FDISTILL_TEST_DUMP_RANKS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DISTILL_DUMP_RANKS="1")
     if kill_at is not None:
-        env["FDISTILL_TEST_KILL_AT_STEP"] = str(kill_at)
+        env["DISTILL_KILL_AT_STEP"] = str(kill_at)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 

@@ -23,7 +23,8 @@ from fdistill.divergences import get_divergence
 from fdistill.objective import FDistill
 from fdistill.pipelines import build_task
 from fdistill.ratio import RatioNormalizer
-from fdistill.trainer import _grad_norm, accumulate_gradients
+from fdistill.parallel import Parallel
+from fdistill.trainer import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 32
@@ -107,10 +108,10 @@ def test_two_micro_batches_give_the_gradient_of_the_whole_batch(kind):
     task, objective, nets, z, x_real, rng = _setup(normalize=False)
     objective._replay = Replay(objective)
     _accumulated(acc, objective, nets, kind, z, x_real, rng, 1)  # records the draws
-    norm_full = [_grad_norm(acc, net, 0.0) for net in nets]
+    norm_full = [Parallel(acc).grad_norm(net, 0.0) for net in nets]
     full = _grads(nets)
     _accumulated(acc, objective, nets, kind, z, x_real, rng, 2)
-    norm_acc = [_grad_norm(acc, net, 0.0) for net in nets]
+    norm_acc = [Parallel(acc).grad_norm(net, 0.0) for net in nets]
     acc2 = _grads(nets)
     assert sum(g.abs().sum() for g in full) > 0
     for a, b in zip(full, acc2):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(teacher, out, env=None):
-    cmd = [sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/mnist.yaml"), f"out={out}",
+    cmd = [sys.executable, str(ROOT / "tests/distill_hooks.py"), str(ROOT / "configs/mnist.yaml"), f"out={out}",
            f"teacher={teacher}", "steps=6", "batch_size=4", "log.ckpt_every=2", "log.every=2", "log.progress=false",
            "task.eval_samples=0", "task.grid_samples=4", "ema=[0.9]"]
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
@@ -26,7 +26,7 @@ def test_mnist_kill_and_resume_is_exact(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     r = _run(teacher, a)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(teacher, b, {"FDISTILL_TEST_KILL_AT_STEP": "3"})
+    r = _run(teacher, b, {"DISTILL_KILL_AT_STEP": "3"})
     assert r.returncode != 0 and (b / "ckpt-00000002").is_dir() and not (b / "ckpt-00000004").exists()
     r = _run(teacher, b)
     assert r.returncode == 0, r.stderr[-3000:]

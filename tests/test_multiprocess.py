@@ -18,9 +18,9 @@ def _launch(config, out, *overrides):
     # `--multi_gpu` is accelerate's torchrun launcher; without CUDA the processes use gloo on the CPU.
     # (`--cpu --num_processes 2` would start a single process unless MPI is installed.)
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(ROOT / "train/distill.py"), str(config), f"out={out}", "log.progress=false",
+           "--dynamo_backend", "no", str(ROOT / "tests/distill_hooks.py"), str(config), f"out={out}", "log.progress=false",
            *overrides]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FDISTILL_TEST_DUMP_RANKS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DISTILL_DUMP_RANKS="1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 

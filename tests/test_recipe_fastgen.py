@@ -27,6 +27,7 @@ from fdistill.config import DistillConfig, from_dict, load_config, load_yaml, to
 from fdistill.divergences import get_divergence
 from fdistill.noise import NoiseSchedule, karras_sigmas
 from fdistill.objective import FDistill, ObjectiveConfig
+from fdistill.pipelines import build_run_task
 from fdistill.ratio import RatioConfig, RatioNormalizer
 from fdistill.recipes import recipe_rows
 
@@ -292,9 +293,9 @@ def test_ema_advances_every_iteration_as_fastgens(tmp_path, monkeypatch):
     snaps = []
     orig = trainer.update_emas
 
-    def spy(accelerator, emas, generator):
+    def spy(par, emas, generator):
         snaps.append({k: v.detach().clone() for k, v in trainer.unwrap(generator).named_parameters()})
-        return orig(accelerator, emas, generator)
+        return orig(par, emas, generator)
 
     monkeypatch.setattr(trainer, "update_emas", spy)
     out = tmp_path / "run"
@@ -304,8 +305,7 @@ def test_ema_advances_every_iteration_as_fastgens(tmp_path, monkeypatch):
         "task.hidden=16", "task.fake_hidden=16", "task.eval_samples=500", "task.kde_samples=64",
         "log.progress=false", "log.every=1"])
     assert (cfg.schedule.ema_every, cfg.schedule.scheme) == ("iteration", "fastgen")
-    torch.manual_seed(0)
-    trainer.distill(cfg)
+    trainer.distill(cfg, build_run_task(cfg))
     assert len(snaps) == 10  # 2 generator steps x (4 critic-only + 1 generator iteration)
     init = snaps[0]
     assert all(torch.equal(snaps[i][k], init[k]) for i in range(4) for k in init)  # critic-only: unchanged

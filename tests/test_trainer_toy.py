@@ -19,7 +19,7 @@ SMALL = ["batch_size=64", "task.hidden=32", "task.fake_hidden=32", "task.eval_sa
 
 
 def _run(out, *extra, env=None):
-    cmd = [sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"), f"out={out}", *SMALL,
+    cmd = [sys.executable, str(ROOT / "tests/distill_hooks.py"), str(ROOT / "configs/toy2d.yaml"), f"out={out}", *SMALL,
            *extra]
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
@@ -50,7 +50,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     args = ("steps=16", "log.ckpt_every=4")
     r = _run(a, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(b, *args, env={"FDISTILL_TEST_KILL_AT_STEP": "10"})
+    r = _run(b, *args, env={"DISTILL_KILL_AT_STEP": "10"})
     assert r.returncode != 0  # killed after step 10; the newest checkpoint is step 8
     assert not (b / "metrics.json").exists()
     assert (b / "ckpt-00000008").is_dir()

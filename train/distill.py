@@ -2,7 +2,7 @@
 
     accelerate launch [--num_processes N] train/distill.py CONFIG [key=value ...]
 
-The same as `fdistill distill CONFIG ...`; the logic lives in fdistill.trainer.
+The same as `fdistill distill CONFIG ...`; the logic lives in fdistill.commands.distill (which builds the task) and fdistill.trainer.
 """
 import sys
 

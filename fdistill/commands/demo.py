@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import load_config
 from ..divergences import get_divergence
 from ..paths import CONFIGS
+from ..pipelines import build_run_task
 from ..trainer import distill
 
 CONFIG = CONFIGS / "mnist.yaml"
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
         overrides.append(f"steps={a.steps}")
     cfg = load_config(CONFIG, overrides + list(a.overrides))
     t0 = time.time()
-    res = distill(cfg)
+    res = distill(cfg, build_run_task(cfg))
     res["demo_wall_sec"] = round(time.time() - t0, 1)
     (Path(out) / "metrics.json").write_text(json.dumps(res, indent=1))
     keys = ("fid_student", "fid_teacher", "fid_teacher_one_step", "fid_num_samples", "nfe_teacher",
