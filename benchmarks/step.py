@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 CONFIGS = ("tiny", "mnist", "imagenet64", "sd15", "sdxl", "sd35", "flux")
 
-# EDM's ImageNet-64 ADM as diffusers UNet2DModel (REFERENCE.md s.7; what `fdistill convert-edm` writes): 296M params.
+# EDM's ImageNet-64 ADM as diffusers UNet2DModel (what `fdistill convert-edm` writes): 296M params.
 ADM_IMAGENET64 = dict(
     sample_size=64, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
     freq_shift=0, flip_sin_to_cos=True,
