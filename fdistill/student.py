@@ -11,13 +11,16 @@ family's denoiser maps to its own input: a VP model (SD1.5, SDXL) sees sqrt(abar
 sqrt(1 - abar) eps, its DDPM forward process at the grid level of sigma; a flow model (SD3, FLUX.1) sees
 x_t / (1 + sigma) = (1 - t) x + t eps, its interpolation path at t = sigma / (1 + sigma).
 
-Training by backward simulation (DMD2, Yin et al. 2024, s.4.5 "multi-step generator"): the input the generator
-gets at an intermediate level is its own earlier output, re-noised, not a noised data sample. Per sample a stage
+Training by backward simulation (DMD2, Yin et al. 2024, arXiv 2405.14867, its multi-step generator; public code
+tianweiy/DMD2, main/sd_unified_model.py, ``sample_backward``): the input the generator gets at an intermediate
+level is its own earlier output, re-noised, not a noised data sample. Per sample a stage
 s in {0..k-1} is drawn; the generator runs without gradient through stages 0..s-1 (the simulation), then the
 graded evaluation at stage s gives x, on which the distribution-matching and GAN terms act exactly as for a
 one-step student; the critic learns from the same mixture of stage outputs. Stages are drawn stratified: every
 batch of n >= k samples holds each stage floor(n/k) or ceil(n/k) times, in random order, so every process
-runs the same k - 1 simulation passes (a sharded generator's passes are collective).
+runs the same k - 1 simulation passes (a sharded generator's passes are collective). DMD2 instead draws one stage
+per batch, shared by every process; NVlabs/FastGen's multi-step students (``student_sample_steps``) feed the
+generator noised real data at its intermediate levels, no simulation.
 
 With k = 1 nothing of this runs: the objective calls ``G(z, c)`` as before, with the same random draws.
 

@@ -395,3 +395,95 @@ def test_sd_two_step_distill_export_and_sample(sd_dir, tmp_path):
     a = [np.asarray(Image.open(p)) for p in sorted(samples_ckpt.glob("*.png"))]
     b = [np.asarray(Image.open(p)) for p in sorted(samples_exp.glob("*.png"))]
     assert len(a) == 2 and all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the new teacher families: SDXL (VP, LCMScheduler) and SD3 / FLUX.1 (flow, stochastic Euler at the student's t)
+
+FAMILY_CONFIGS = {"sdxl": "sdxl_js.yaml", "sd3": "sd35_medium_js.yaml", "flux": "flux_dev_js.yaml"}
+FAMILY_TINY = ["task.teacher_dtype=float32", "task.resolution=32", "task.max_sequence_length=16",
+               "task.eval_prompts=2", "gradient_checkpointing=false", "log.progress=false", "steps=1", "batch_size=2",
+               "student.steps=2"]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_family_two_step_export_is_our_sampler_and_fdistill_sample(family, tmp_path):
+    import tiny_teachers
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from fdistill.denoisers_flow import pack_latents, unpack_latents
+    from fdistill.pipelines import build_task
+    from fdistill.pipelines.diffusers_t2i import encode_texts
+    from fdistill.sampler import per_image_latents
+    from fdistill.student import RENOISE_SEED_OFFSET
+
+    teacher = {"sdxl": tiny_teachers.tiny_sdxl, "sd3": tiny_teachers.tiny_sd3,
+               "flux": tiny_teachers.tiny_flux}[family](tmp_path / "teacher")
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    prompts = ["a red bus on a street", "two dogs playing in the snow"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    args = [str(CONFIGS / FAMILY_CONFIGS[family]), f"teacher={teacher}", f"prompts={tmp_path / 'p.txt'}",
+            f"data={tmp_path / 'images'}", *FAMILY_TINY]
+    run = tmp_path / "run"
+    assert cli(["distill", *args, f"out={run}"]) == 0
+    sig = json.loads((run / "ckpt-00000001" / "meta.json").read_text())["student_sigmas"]
+    assert len(sig) == 2 and (sig[0] == float("inf")) == (family != "sdxl")
+    out = tmp_path / "export"
+    assert cli(["export", str(run), str(out)]) == 0
+    meta = json.loads((out / "fdistill_export.json").read_text())
+    assert meta["num_inference_steps"] == 2
+    pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    net = pipe.unet if family == "sdxl" else pipe.transformer
+    calls = []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+
+    cfg = load_config(args[0], args[1:] + [f"out={tmp_path / 'probe'}"])
+    task = build_task(cfg, "cpu")
+    student.attach(cfg.student, task)
+    task.generator.load_state_dict(load_file(str(run / "ckpt-00000001" / "generator.safetensors")))
+    seeds = [3, 7]
+    shape = task.generator.latent_shape
+    z = per_image_latents(seeds, shape)
+    gens = [torch.Generator().manual_seed(s + RENOISE_SEED_OFFSET) for s in seeds]
+    msl = {} if family == "sdxl" else {"max_sequence_length": 16}
+    latents = pack_latents(z) if family == "flux" else z
+    kw = dict(guidance_scale=meta["guidance_scale"], height=32, width=32, output_type="latent",
+              **meta["call_kwargs"], **msl)
+    with torch.no_grad():
+        if family == "sdxl":
+            theirs = pipe(prompts, latents=latents, generator=gens, **kw).images
+            assert len(calls) == 2  # two network evaluations
+        else:  # SD3 / Flux pipelines re-noise from torch's global stream: one image per call, seeded
+            theirs = []
+            for i, s in enumerate(seeds):
+                torch.manual_seed(s + RENOISE_SEED_OFFSET)
+                theirs.append(pipe(prompts[i:i + 1], latents=latents[i:i + 1], **kw).images)
+            theirs = torch.cat(theirs)
+            assert len(calls) == 4  # two network evaluations per image
+        cond = encode_texts(pipe, family, prompts, 16)
+        if family == "sdxl":
+            cond["time_ids"] = torch.tensor([[32.0, 32.0, 0, 0, 32.0, 32.0]]).expand(2, 6)
+        # the same per-image noise, in the layout the pipeline draws it (Flux: packed tokens)
+        g2 = [torch.Generator().manual_seed(s + RENOISE_SEED_OFFSET) for s in seeds]
+        if family == "flux":
+            noise = [unpack_latents(torch.stack([torch.randn(latents.shape[1:], generator=g) for g in g2]),
+                                    shape[1], shape[2])]
+        else:
+            noise = [torch.stack([torch.randn(shape, generator=g) for g in g2])]
+        ours = task.generator(z, cond, noise=noise)
+    if family == "flux":
+        theirs = unpack_latents(theirs, shape[1], shape[2])
+    torch.testing.assert_close(theirs.float(), ours, rtol=1e-4, atol=1e-4)
+
+    for src, name in ((run, "a"), (out, "b")):
+        assert cli(["sample", str(src), "--prompts", str(tmp_path / "p.txt"), "--seeds", "3,7", "--outdir",
+                    str(tmp_path / name), "--quiet"]) == 0
+    a = [np.asarray(Image.open(tmp_path / "a" / f"{s:06d}.png")) for s in seeds]
+    b = [np.asarray(Image.open(tmp_path / "b" / f"{s:06d}.png")) for s in seeds]
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))

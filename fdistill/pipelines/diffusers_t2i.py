@@ -28,7 +28,10 @@ A few-step student (``student.steps``, fdistill/student.py) is exported with a s
 network's x0 with fresh noise to the next level: SDXL with ``LCMScheduler`` at the student's DDPM timesteps (as
 SD1.5, fdistill/export_sd.py), flow models with ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True,
 shift=1)``, whose step is (1 - t_next) x0 + t_next eps, at the student's flow times t = sigma / (1 + sigma) passed
-unshifted as ``sigmas=[...]``. ``fdistill_export.json`` records the call (``call_kwargs``).
+unshifted as ``sigmas=[...]``. ``fdistill_export.json`` records the call (``call_kwargs``). diffusers' SD3 and Flux
+pipelines draw that step's noise from torch's global stream (they do not pass ``generator`` to the step), so
+``fdistill sample`` makes flow students' images one per call after ``torch.manual_seed(seed + 2**32)``
+(``flow_few_step_image``), which a stock pipeline call reproduces.
 """
 
 from __future__ import annotations
@@ -508,6 +511,17 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
     return out
 
 
+def flow_few_step_image(pipe, prompt: str, latent: torch.Tensor, seed: int, kw: dict):
+    """One image of a few-step flow student (SD3 / FLUX.1) through its stock pipeline. Those pipelines do not hand
+    their ``generator`` to the scheduler's step, so the re-noising noise comes from torch's global stream: it is
+    seeded seed + 2**32 for this one image (on CPU the same noise as the image's own stream elsewhere), and the
+    global state is restored afterwards."""
+    devices = [latent.device] if latent.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + RENOISE_SEED_OFFSET)
+        return pipe([prompt], latents=latent, **kw).images
+
+
 def _latent_shape(pipe, family, tcfg):
     lat = latent_side(pipe, family, int(tcfg.get("resolution", 0) or 0))
     c = _network(pipe, family).config.in_channels // (4 if family == "flux" else 1)
@@ -547,11 +561,16 @@ def sample_source(source, which: str = "ema", teacher: str | None = None, device
         z = per_image_latents(seeds, shape, device).to(dtype)
         if family == "flux":
             z = pack_latents(z)
-        # a few-step student re-noises each image from its own stream (seed + 2**32), as the other pipelines do
-        gens = [torch.Generator().manual_seed(int(s) + RENOISE_SEED_OFFSET) for s in seeds] if few else None
+        prompts = [r["prompt"] for r in records]
+        kw = dict(guidance_scale=guidance, height=side, width=side, output_type="np", **call, **extra)
         with torch.no_grad():
-            imgs = pipe([r["prompt"] for r in records], guidance_scale=guidance, latents=z, generator=gens,
-                        height=side, width=side, output_type="np", **call, **extra).images
+            if few and family != "sdxl":
+                imgs = np.concatenate([flow_few_step_image(pipe, p, z[i:i + 1], int(s), kw)
+                                       for i, (p, s) in enumerate(zip(prompts, seeds))])
+            else:
+                # a few-step student re-noises each image from its own stream (seed + 2**32), as the others do
+                gens = [torch.Generator().manual_seed(int(s) + RENOISE_SEED_OFFSET) for s in seeds] if few else None
+                imgs = pipe(prompts, latents=z, generator=gens, **kw).images
         return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
 
     k = len(next(iter(call.values()))) if few else 1
