@@ -395,6 +395,12 @@ def test_sd_two_step_distill_export_and_sample(sd_dir, tmp_path):
     a = [np.asarray(Image.open(p)) for p in sorted(samples_ckpt.glob("*.png"))]
     b = [np.asarray(Image.open(p)) for p in sorted(samples_exp.glob("*.png"))]
     assert len(a) == 2 and all(np.array_equal(u, v) for u, v in zip(a, b))
+    # `fdistill eval coco`'s generation of the export: its two steps, the same per-image noise
+    from fdistill.pipelines.coco_eval import generate
+    rec = [json.loads(line) for line in (samples_exp / "index.jsonl").read_text().splitlines()]
+    assert generate(str(out), [r["prompt"] for r in rec], root / "coco", steps=2, progress=False) == 2
+    c = [np.asarray(Image.open(p)) for p in sorted((root / "coco").glob("*.png"))]
+    assert all(np.array_equal(u, v) for u, v in zip(b, c))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,3 +493,44 @@ def test_family_two_step_export_is_our_sampler_and_fdistill_sample(family, tmp_p
     a = [np.asarray(Image.open(tmp_path / "a" / f"{s:06d}.png")) for s in seeds]
     b = [np.asarray(Image.open(tmp_path / "b" / f"{s:06d}.png")) for s in seeds]
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several processes: the simulation runs through the DDP / FSDP wrappers
+
+
+def _launch_two(out, teacher, fsdp: bool):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    mode = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sync_module_states", "false",
+            "--fsdp_cpu_ram_efficient_loading", "false", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap", "ResnetBlock2D,Attention"] if fsdp else ["--multi_gpu"]
+    script = "tests/fsdp_cpu_distill.py" if fsdp else "tests/distill_hooks.py"
+    cmd = [accelerate, "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(root / script), str(CONFIGS / "mnist.yaml"), f"out={out}",
+           f"teacher={teacher}", "steps=2", "batch_size=2", "student.steps=2", "optim.grad_clip=0",
+           "task.eval_samples=0", "task.grid_samples=4", "log.every=1", "log.progress=false"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DISTILL_DUMP_RANKS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=900)
+
+
+def test_two_step_student_on_two_processes_ddp_equals_fsdp(teacher, tmp_path):
+    """Two processes, one sample per stage on each: DDP keeps the ranks identical, and FSDP1 (whose forward
+    passes are collective, so every process must run the same simulation passes) trains bit for bit as DDP."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, fsdp in (("ddp", False), ("fsdp1", True)):
+        runs[name] = tmp_path / name
+        r = _launch_two(runs[name], teacher, fsdp)
+        assert r.returncode == 0, r.stderr[-4000:]
+    for f in ("rank0_generator", "rank1_generator", "ckpt-00000002/generator", "ckpt-00000002/fake_score"):
+        x, y = (load_file(str(runs[name] / f"{f}.safetensors")) for name in ("ddp", "fsdp1"))
+        assert x.keys() == y.keys()
+        assert all(torch.equal(x[k], y[k]) for k in x), f
+    a, b = (load_file(str(runs["ddp"] / f"rank{i}_generator.safetensors")) for i in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((runs["fsdp1"] / "ckpt-00000002" / "meta.json").read_text())["student_sigmas"][0] == 80.0
