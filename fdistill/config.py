@@ -21,6 +21,7 @@ from .errors import FdistillError
 from .objective import ObjectiveConfig
 from .ratio import RatioConfig
 from .recipes import apply_recipe
+from .student import StudentConfig
 from .tracking import check_trackers
 
 
@@ -155,6 +156,8 @@ class DistillConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ratio_norm: RatioConfig = field(default_factory=RatioConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """Few-step students (``student.steps: 2`` or ``4``; fdistill/student.py, docs/few_step.md)."""
     log: LogConfig = field(default_factory=LogConfig)
     task: dict = field(default_factory=dict)
     """Task-specific settings; each pipeline checks its own keys."""
@@ -347,6 +350,15 @@ def _validate_distill(cfg: DistillConfig) -> None:
           f"> noise.sigma_min ({n.sigma_min})")
     _need(0 <= n.dm_index_min <= n.dm_index_max < n.num_levels, "noise.dm_index_min/dm_index_max",
           [n.dm_index_min, n.dm_index_max], f"0 <= min <= max < noise.num_levels ({n.num_levels})")
+    st = cfg.student
+    _need(st.steps >= 1, "student.steps", st.steps, "a number of network evaluations >= 1 (1, 2, 4)")
+    _need(cfg.batch_size >= st.steps, "batch_size", cfg.batch_size,
+          f">= student.steps ({st.steps}): backward simulation places every stage in each batch")
+    _need(st.sigmas is None or st.timesteps is None, "student.sigmas / student.timesteps",
+          [st.sigmas, st.timesteps], "one of the two (the other null)")
+    for key, levels in (("student.sigmas", st.sigmas), ("student.timesteps", st.timesteps)):
+        _need(levels is None or len(levels) == st.steps, key, levels,
+              f"a list of student.steps = {st.steps} levels, descending (or null: the teacher family's default)")
     lg = cfg.log
     _need(lg.every >= 1, "log.every", lg.every, ">= 1")
     _need(lg.ckpt_every >= 1, "log.ckpt_every", lg.ckpt_every, ">= 1 (checkpoints are also written at the end)")

@@ -60,6 +60,7 @@ ONE_STEP_USAGE = """from fdistill.onestep import OneStepPipeline
 
 pipe = OneStepPipeline.from_pretrained("FOLDER")
 images = pipe(class_labels=[0, 1, 2, 3], seeds=[0, 1, 2, 3]).images  # PIL images; one network evaluation
+# (a few-step student: scheduler_config.json lists its noise levels, one network evaluation each)
 # unconditional models: pipe(seeds=[0, 1, 2, 3]).images"""
 
 
@@ -130,7 +131,9 @@ def pipeline_from_checkpoint(source: str | os.PathLike, which: str = "ema", teac
                               f"{list(missing)[:3]} ({len(missing)}), unexpected {list(unexpected)[:3]} "
                               f"({len(unexpected)}). {hint}")
     unet.eval()
-    sched = EDMOneStepScheduler(sigma_max=spec["sigma_max"], sigma_data=spec["sigma_data"])
+    sigmas = meta.get("student_sigmas")  # a few-step student's levels (absent: one step)
+    sched = EDMOneStepScheduler(sigma_max=spec["sigma_max"], sigma_data=spec["sigma_data"],
+                                sigmas=[float(v) for v in sigmas] if sigmas and len(sigmas) > 1 else None)
     pipe = OneStepPipeline(unet=unet, scheduler=sched)
     pipe.fdistill_source = {"source": str(ckpt), "weights": name, "gen_step": meta.get("gen_step"),
                             "kimg": (meta.get("images_seen") or 0) / 1000, "pipeline": spec["pipeline"],
@@ -208,7 +211,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, which: str = "
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         sc = pipe.scheduler.config
         meta = {"format": EXPORT_FORMAT, **pipe.fdistill_source, "sigma_max": sc.sigma_max,
-                "sigma_data": sc.sigma_data, "num_classes": pipe.num_classes, "latent_shape": list(pipe.latent_shape),
+                "sigma_data": sc.sigma_data, "num_steps": pipe.num_steps, "sigmas": pipe.scheduler.stage_sigmas, "num_classes": pipe.num_classes, "latent_shape": list(pipe.latent_shape),
                 "usage": "from fdistill.export import OneStepPipeline; "
                          "OneStepPipeline.from_pretrained(folder)(class_labels=..., seeds=...).images"}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))

@@ -3,6 +3,10 @@
 For image teachers the generator is a copy of the teacher denoiser evaluated once at the largest noise level
 (EDM: G(z) = D(80 z, sigma=80); a VP teacher: the scaled input at its last timestep). For vector toys it can
 be a plain MLP from a latent of any dimension.
+
+An image generator can also be a k-step student (``fdistill.student``): ``set_stages`` gives it k noise levels,
+after which ``G(z, c)`` samples in k evaluations and ``G(x_t, c, sigma=s)`` is the single evaluation at level s
+that training by backward simulation calls.
 """
 
 from __future__ import annotations
@@ -13,19 +17,37 @@ import torch
 import torch.nn as nn
 
 from .denoisers import Denoiser
+from .student import sample as few_step_sample
 
 
 class OneStepGenerator(nn.Module):
-    """x = D(prior_scale(sigma_max) * z, sigma_max, cond), D initialised from the teacher."""
+    """x = D(prior_scale(sigma_max) * z, sigma_max, cond), D initialised from the teacher; a k-step student
+    after ``set_stages`` (module docstring)."""
 
     def __init__(self, denoiser: Denoiser, sigma: float, latent_shape: Sequence[int]):
         super().__init__()
         self.denoiser = denoiser
         self.sigma = float(sigma)
         self.latent_shape = tuple(latent_shape)
+        self.stage_sigmas: tuple[float, ...] = (self.sigma,)
 
-    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.denoiser(z * self.denoiser.prior_scale(self.sigma), self.sigma, cond)
+    def set_stages(self, sigmas: Sequence[float]) -> None:
+        """The k noise levels of a few-step student; sigmas[0] must be the generator's level."""
+        sigmas = tuple(float(s) for s in sigmas)
+        if not sigmas or sigmas[0] != self.sigma:
+            raise ValueError(f"the first stage level must be the generator's ({self.sigma:g}), got {sigmas}")
+        self.stage_sigmas = sigmas
+
+    def forward(self, z: torch.Tensor, cond=None, sigma=None, noise=None) -> torch.Tensor:
+        """G(z, cond): a sample from latents z (k evaluations for a k-step student; ``noise``: its re-noising
+        noise, ``fdistill.student.sample``). With ``sigma`` (a float or one per sample): the one evaluation at
+        that level, z being the EDM-form input x_t there."""
+        if sigma is not None:
+            return self.denoiser(z, sigma, cond)
+        if len(self.stage_sigmas) == 1:
+            return self.denoiser(z * self.denoiser.prior_scale(self.sigma), self.sigma, cond)
+        return few_step_sample(lambda x_t, s: self.denoiser(x_t, s, cond),
+                               z * self.denoiser.prior_scale(self.sigma), self.stage_sigmas, noise)
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)
@@ -48,6 +70,11 @@ class MLPGenerator(nn.Module):
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)
+
+
+def num_steps(module: nn.Module) -> int:
+    """Network evaluations per sample of a generator (also wrapped): 1, or a few-step student's k."""
+    return len(getattr(unwrap(module), "stage_sigmas", (None,)))
 
 
 def unwrap(module: nn.Module) -> nn.Module:

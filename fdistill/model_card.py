@@ -44,9 +44,12 @@ def render(*, kind: str, config: dict, meta: dict, usage: str) -> str:
     ``config``: the run's config; ``meta``: what the export records (source, weights, gen_step, teacher ...)."""
     teacher = meta.get("teacher") or config.get("teacher")
     divergence = meta.get("divergence") or config.get("divergence")
+    k = int(meta.get("num_steps") or meta.get("num_inference_steps") or 1)
+    steps = "one-step" if k == 1 else f"{k}-step"
     header = {"library_name": "diffusers",
               "pipeline_tag": "text-to-image" if kind == "sd" else "unconditional-image-generation",
-              "tags": ["fdistill", "f-distill", "one-step", "diffusion-distillation", f"divergence-{divergence}"]}
+              "tags": ["fdistill", "f-distill", steps if k == 1 else "few-step", "diffusion-distillation",
+                       f"divergence-{divergence}"]}
     base = _hub_id(teacher)
     if base:
         header["base_model"] = base
@@ -58,10 +61,12 @@ def render(*, kind: str, config: dict, meta: dict, usage: str) -> str:
             ("weights", meta.get("weights")), ("batch size per process", config.get("batch_size")),
             ("learning rate (generator)", (config.get("optim") or {}).get("lr_gen")),
             ("EMA decays", config.get("ema")), ("seed", config.get("seed")), ("checkpoint", meta.get("source"))]
+    if k > 1:  # a few-step student (fdistill.student): its levels, one network evaluation each
+        rows.insert(3, ("network evaluations per image", f"{k} (noise levels {meta.get('sigmas') or meta.get('timesteps')})"))
     metrics = _run_metrics(meta.get("source"))
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
-             f"# One-step generator distilled with f-distill ({divergence})", "",
-             f"A one-step image generator distilled from the diffusion model `{teacher}` by f-divergence "
+             f"# {steps.capitalize()} generator distilled with f-distill ({divergence})", "",
+             f"A {steps} image generator distilled from the diffusion model `{teacher}` by f-divergence "
              f"distribution matching ([f-distill]({_PAPER}), Xu, Nie and Vahdat 2025) with the "
              f"`{divergence}` divergence, written by the `fdistill` package.", "",
              "## How it was trained", "", "| setting | value |", "|---|---|"]

@@ -2,7 +2,7 @@
 
 Generator iteration (one generator forward+backward, one teacher forward, one fake-score forward):
 
-    x        = G(z, c)
+    x        = G(z, c)                           a k-step student: its stage-s output by backward simulation
     x_t      = x + sigma * eps,                  sigma from the distribution-matching range
     x0_real, feats = teacher(x_t, sigma, c)      one pass: the score and the discriminator's features
     x0_fake  = fake_score(x_t, sigma, c)         no gradient
@@ -21,6 +21,9 @@ generated data. Two recipes (``recipe`` in the config): DMD2's denoises over the
 SD's epsilon MSE) and shows the discriminator generated data at a fresh draw; FastGen's (the authors' code,
 fastgen/methods/distribution_matching/dmd2.py, ``_fake_score_discriminator_update_step``) denoises with an
 unweighted x0 MSE at the distribution-matching noise levels and shows the discriminator that same noised batch.
+
+A few-step student (``fdistill.student.FewStep``) changes only where x comes from: each sample's output at a drawn
+stage, its input simulated by the generator itself (DMD2's backward simulation); both losses act on that x.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .denoisers import as_sigma
 from .divergences import Divergence
 from .noise import NoiseSchedule, edm_loss_weight
 from .ratio import RatioNormalizer
+from .student import FewStep
 
 
 @dataclass
@@ -106,7 +110,8 @@ class FDistill(nn.Module):
 
     def __init__(self, generator: nn.Module, teacher: nn.Module, fake_score: nn.Module, discriminator: nn.Module,
                  divergence: Divergence, ratio: RatioNormalizer, schedule: NoiseSchedule, cfg: ObjectiveConfig,
-                 oracle_log_ratio: Callable | None = None, use_oracle_weights: bool = False):
+                 oracle_log_ratio: Callable | None = None, use_oracle_weights: bool = False,
+                 student: FewStep | None = None):
         super().__init__()
         # plain attributes, not submodules: the trainer owns and checkpoints the networks
         self.__dict__["generator"] = generator
@@ -119,6 +124,7 @@ class FDistill(nn.Module):
         self.cfg = cfg
         self.oracle_log_ratio = oracle_log_ratio
         self.use_oracle_weights = use_oracle_weights
+        self.student = student  # None: the one-step generator, x = G(z, c)
         if cfg.disc_features not in ("teacher", "fake"):
             raise ValueError(f"objective.disc_features must be 'teacher' or 'fake', got {cfg.disc_features!r}")
         if cfg.denoise_loss not in ("edm", "eps", "x0"):
@@ -127,6 +133,12 @@ class FDistill(nn.Module):
             raise ValueError("objective.disc_fake_noise must be 'independent' or 'denoise', "
                              f"got {cfg.disc_fake_noise!r}")
 
+    def generate(self, z: torch.Tensor, cond: Any, rng: torch.Generator | None = None) -> torch.Tensor:
+        """The generated batch both losses act on: G(z, c), or a few-step student's backward simulation."""
+        if self.student is None:
+            return self.generator(z, cond)
+        return self.student.generate(self.generator, z, cond, rng)
+
     def _noise(self, x, sigma, rng):
         eps = torch.randn(x.shape, generator=rng, device=x.device, dtype=torch.float32)
         return x + as_sigma(sigma, x) * eps, eps
@@ -134,7 +146,7 @@ class FDistill(nn.Module):
     # --- generator ----------------------------------------------------------------------------------------
     def generator_loss(self, z: torch.Tensor, cond: Any, rng: torch.Generator | None = None):
         cfg = self.cfg
-        x = self.generator(z, cond)
+        x = self.generate(z, cond, rng)
         n = x.shape[0]
         sigma = self.schedule.sample_dm(n, rng, x.device)
         x_t, _ = self._noise(x, sigma, rng)
@@ -177,7 +189,7 @@ class FDistill(nn.Module):
                     rng: torch.Generator | None = None):
         cfg = self.cfg
         with torch.no_grad():
-            x = self.generator(z, cond).float()
+            x = self.generate(z, cond, rng).float()
         n, m = x.shape[0], x_real.shape[0]
         if cfg.denoise_loss == "x0":
             sigma_dn = self.schedule.sample_dm(n, rng, x.device)

@@ -1,5 +1,6 @@
 """The diffusers classes of an exported EDM one-step generator: ``OneStepPipeline`` and its
-``EDMOneStepScheduler`` (``fdistill export`` writes them; ``from_pretrained`` reads them back).
+``EDMOneStepScheduler`` (``fdistill export`` writes them; ``from_pretrained`` reads them back). A few-step
+student's scheduler carries its k noise levels (``sigmas``); the pipeline then samples in k evaluations.
 
 This module imports diffusers; the rest of the package imports it only where a pipeline is made or loaded.
 Folders exported before these classes had their own module name ``fdistill.export`` as their library;
@@ -17,6 +18,7 @@ from .denoisers import EDMPrecondUNet
 from .generator import OneStepGenerator
 from .imageio import to_uint8
 from .sampler import per_image_latents, per_image_random_labels
+from .student import per_image_renoise
 
 # ModelMixin is imported for diffusers' loader: it looks a component's base classes up in the component's module.
 
@@ -24,15 +26,27 @@ class EDMOneStepScheduler(SchedulerMixin, ConfigMixin):
     """The preconditioning of a one-step EDM generator (there is no schedule: one step at ``sigma_max``).
 
     x = D(sigma_max z, sigma_max, y), with D(x, s, y) = c_skip x + c_out F(c_in x, log(s)/4, y),
-    c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), sd = sigma_data."""
+    c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), sd = sigma_data.
+
+    A few-step student's ``sigmas`` are its k levels (sigmas[0] = sigma_max): x^(j) = D(x_t^(j), sigmas[j], y),
+    then x_t^(j+1) = x^(j) + sigmas[j+1] eps_j with fresh noise (``fdistill.student``). None: one step."""
 
     config_name = "scheduler_config.json"
     order = 1
 
     @register_to_config
-    def __init__(self, sigma_max: float = 80.0, sigma_data: float = 0.5, precond: str = "edm"):
+    def __init__(self, sigma_max: float = 80.0, sigma_data: float = 0.5, precond: str = "edm",
+                 sigmas: list | None = None):
         if precond != "edm":
             raise ValueError(f"EDMOneStepScheduler: unsupported preconditioning {precond!r} (only 'edm')")
+        if sigmas is not None and (not sigmas or abs(float(sigmas[0]) - float(sigma_max)) > 1e-6 * sigma_max):
+            raise ValueError(f"EDMOneStepScheduler: sigmas[0] must be sigma_max ({sigma_max}), got {sigmas}")
+
+    @property
+    def stage_sigmas(self) -> list[float]:
+        """The generator's noise levels, one per network evaluation."""
+        s = self.config.sigmas
+        return [float(self.config.sigma_max)] + [float(v) for v in s[1:]] if s else [float(self.config.sigma_max)]
 
     @property
     def init_noise_sigma(self) -> float:
@@ -57,20 +71,30 @@ class OneStepPipeline(DiffusionPipeline):
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return (int(self.unet.config.in_channels), int(h), int(w))
 
+    @property
+    def num_steps(self) -> int:
+        """Network evaluations per image (1, or a few-step student's k)."""
+        return len(self.scheduler.stage_sigmas)
+
     def generator_module(self):
-        """The pipeline's UNet (shared, not copied) as the package's OneStepGenerator."""
+        """The pipeline's UNet (shared, not copied) as the package's OneStepGenerator (k-step if the scheduler
+        has k levels)."""
         c = self.scheduler.config
-        return OneStepGenerator(EDMPrecondUNet(self.unet, float(c.sigma_data), ()), float(c.sigma_max),
-                                self.latent_shape)
+        gen = OneStepGenerator(EDMPrecondUNet(self.unet, float(c.sigma_data), ()), float(c.sigma_max),
+                               self.latent_shape)
+        gen.set_stages(self.scheduler.stage_sigmas)
+        return gen
 
     @torch.no_grad()
     def __call__(self, class_labels=None, num_images: int | None = None, seeds=None, generator=None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True):
-        """Generate images in one network evaluation.
+        """Generate images in one network evaluation (a few-step student: ``num_steps`` evaluations).
 
         Latents: ``seeds`` (one ``torch.Generator().manual_seed(seed)`` per image, as ``fdistill sample``:
         the same seed gives the same image whatever the batch), else ``latents`` [N, C, H, W], else
         ``num_images`` draws from ``generator`` (one torch.Generator, or a list with one per image).
+        A few-step student's re-noising noise: with ``seeds``, from each image's stream seeded seed + 2**32;
+        else from ``generator`` (each image's, after its latent and label), else from torch's global stream.
         ``class_labels``: an int, a list or a tensor of N ints (class-conditional models). None draws them:
         with ``seeds``, from each seed's generator after its latent (EDM's generate.py), else from
         ``generator``. ``output_type``: 'pil', 'np' (float [0, 1] NHWC), 'pt' (float [0, 1] NCHW) or 'raw'
@@ -117,8 +141,19 @@ class OneStepPipeline(DiffusionPipeline):
                 bad = labels[(labels < 0) | (labels >= k)].tolist()
                 raise ValueError(f"class labels must lie in [0, {k}), got {bad[:5]}")
         dev = self.unet.device
+        steps = self.num_steps
+        noise = None
+        if steps > 1:
+            if seeds is not None:
+                noise = per_image_renoise(seeds, shape, steps, dev)
+            elif isinstance(generator, (list, tuple)):
+                per = [[torch.randn(shape, generator=g, device=g.device) for _ in range(steps - 1)]
+                       for g in generator]
+                noise = [torch.stack([p[j] for p in per]).to(dev) for j in range(steps - 1)]
+            elif isinstance(generator, torch.Generator):
+                noise = generator
         x = self.generator_module()(latents.to(dev, torch.float32),
-                                    None if labels is None else labels.to(dev)).float()
+                                    None if labels is None else labels.to(dev), noise=noise).float()
         if output_type == "raw":
             images = x
         else:

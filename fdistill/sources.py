@@ -17,27 +17,35 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .checkpoint import check_finite
 from .export import EDM_PIPELINES, EXPORT_META, SD_PIPELINES, load_exported, pipeline_from_checkpoint
-from .export_sd import one_step_scheduler, unet_from_checkpoint
+from .export_sd import few_step_scheduler, student_timesteps, unet_from_checkpoint
 from .hub import load_kwargs
 from .imageio import to_uint8
 from .sampler import SampleSource, per_image_latents
+from .student import RENOISE_SEED_OFFSET
 from .weights import checkpoint_meta, resolve_checkpoint
 
 
-def _sd_source(pipe, info: dict, steps: int, guidance: float, device, dtype) -> SampleSource:
+def _sd_source(pipe, info: dict, steps: int, guidance: float, device, dtype, timesteps=None) -> SampleSource:
+    """``timesteps``: a few-step student's (its LCMScheduler re-noises each image from the image's own stream,
+    seed + 2**32, as the EDM students do)."""
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     lat = pipe.unet.config.sample_size
     shape = (pipe.unet.config.in_channels, lat, lat)
+    few = timesteps is not None and len(timesteps) > 1
+    when = {"timesteps": list(timesteps)} if few else {"num_inference_steps": steps}
 
     def generate(seeds, records):
         z = per_image_latents(seeds, shape, device).to(dtype)  # as `fdistill eval coco` does
+        gens = [torch.Generator().manual_seed(int(s) + RENOISE_SEED_OFFSET) for s in seeds] if few else None
         with torch.no_grad():
-            imgs = pipe([r["prompt"] for r in records], num_inference_steps=steps, guidance_scale=guidance,
-                        latents=z, output_type="np").images
+            imgs = pipe([r["prompt"] for r in records], guidance_scale=guidance, latents=z, generator=gens,
+                        output_type="np", **when).images
         return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
 
-    return SampleSource("sd", generate, 0, {**info, "steps": steps, "guidance": guidance})
+    extra = {"timesteps": list(timesteps)} if few else {}
+    return SampleSource("sd", generate, 0, {**info, "steps": len(timesteps) if few else steps,
+                                             "guidance": guidance, **extra})
 
 
 def _edm_source(pipe, info: dict, device, dtype) -> SampleSource:
@@ -81,7 +89,8 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
             guidance = meta.get("guidance_scale", 1.0) if guidance is None else guidance
             pipe = StableDiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
             check_finite(pipe.unet.state_dict(), f"{p / 'unet'}", "export it again from a finite checkpoint")
-            return _sd_source(pipe, info, steps, guidance, device, dtype)
+            ts = meta.get("timesteps") if steps == meta.get("num_inference_steps") else None  # a few-step export
+            return _sd_source(pipe, info, steps, guidance, device, dtype, ts)
         raise ValueError(f"{p} holds a {cls}; `fdistill sample` reads OneStepPipeline and StableDiffusionPipeline "
                          "folders, run directories and ckpt-<step> folders")
     ckpt = resolve_checkpoint(p)
@@ -97,16 +106,18 @@ def open_source(source, which: str = "ema", teacher: str | None = None, device=N
         unet, meta = unet_from_checkpoint(ckpt, teacher, which)
         tdir = teacher or cfg["teacher"]
         kw = load_kwargs(str(tdir))
+        ts = student_timesteps(str(tdir), meta.get("student_sigmas"), kw["local_files_only"])  # few-step: k
         # the exported folder's pipeline, in memory: the teacher's VAE and text encoder, the one-step scheduler
         pipe = StableDiffusionPipeline(
             vae=AutoencoderKL.from_pretrained(tdir, subfolder="vae", **kw),
             text_encoder=CLIPTextModel.from_pretrained(tdir, subfolder="text_encoder", **kw),
             tokenizer=CLIPTokenizer.from_pretrained(tdir, subfolder="tokenizer",
                                                     local_files_only=kw["local_files_only"]),
-            unet=unet, scheduler=one_step_scheduler(str(tdir), kw["local_files_only"]), safety_checker=None,
+            unet=unet, scheduler=few_step_scheduler(str(tdir), ts, kw["local_files_only"]), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False).to(dtype=dtype)
         info = {"source": str(ckpt.resolve()), "weights": meta["weights"], "gen_step": meta.get("gen_step")}
-        return _sd_source(pipe, info, 1 if steps is None else steps, 1.0 if guidance is None else guidance,
-                          device, dtype)
+        k = len(ts) if ts else 1
+        return _sd_source(pipe, info, k if steps is None else steps, 1.0 if guidance is None else guidance,
+                          device, dtype, ts if steps in (None, k) else None)
     raise ValueError(f"{ckpt} is a {pipeline!r} run; `fdistill sample` makes images of the image pipelines "
                      f"({', '.join(EDM_PIPELINES + SD_PIPELINES)})")

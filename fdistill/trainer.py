@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import tracking
+from . import student, tracking
 from .config import ConfigError, DistillConfig, dump_yaml, to_dict
 from .divergences import get_divergence
 from .errors import RunInterrupted, TrainingDiverged
@@ -259,6 +259,10 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
 
     par = Parallel(accelerator)  # every DDP / FSDP difference
     par.check(cfg, task)
+    try:  # a few-step student's stage levels; before the EMAs and the evaluator copy the generator
+        few_step = student.attach(cfg.student, task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.ratio == "oracle" and task.oracle_log_ratio is None:
         raise ConfigError(f"ratio=oracle needs a task with an exact density ratio (toy2d); {cfg.pipeline} has none")
     divergence = get_divergence(cfg.divergence)
@@ -321,7 +325,8 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
                    "critic": [OptimPart(fake_score, opt_f, names["fake"]), OptimPart(disc, opt_d, names["disc"])]}
 
     objective = FDistill(generator, teacher, fake_score, disc, divergence, ratio, task.schedule, cfg.objective,
-                         oracle_log_ratio=task.oracle_log_ratio, use_oracle_weights=cfg.ratio == "oracle")
+                         oracle_log_ratio=task.oracle_log_ratio, use_oracle_weights=cfg.ratio == "oracle",
+                         student=few_step)
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
     if last is not None:
         par.load_optimizer_states(optim_parts, last)
@@ -392,6 +397,8 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
 
     # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
     spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
+    if few_step is not None:  # what sampling and export run: the k stage levels
+        spec["student_sigmas"] = few_step.sigmas
 
     def save():
         tmp = run_dir / f"ckpt-{state['gen_step']:08d}.tmp"

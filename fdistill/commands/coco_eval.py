@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=NUM, help=f"captions / images (default {NUM:,})")
     p.add_argument("--seed", type=int, default=SEED, help="caption-selection seed (default 0)")
     p.add_argument("--seed-offset", type=int, default=0, help="latent of caption i: seed offset + i")
-    p.add_argument("--steps", type=int, default=1, help="inference steps (1 for a one-step export)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the export's, "
+                   "fdistill_export.json num_inference_steps; else 1)")
     p.add_argument("--guidance", type=float, default=1.0, help="pipeline CFG scale (1 = none; students: 1)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -70,6 +71,9 @@ def run(a, inception=None, clip_model=None) -> dict:
                                     "selection": selection}))
     (out / "captions.txt").write_text("\n".join(captions) + "\n")  # image order, for `fdistill eval clip`
     dtype = DTYPES[a.dtype]
+    if a.steps is None:  # an fdistill export records its steps (a few-step student: k)
+        meta_path = Path(a.model) / "fdistill_export.json"
+        a.steps = int(json.loads(meta_path.read_text()).get("num_inference_steps", 1)) if meta_path.is_file() else 1
     made = generate(a.model, captions, out / "images", a.steps, a.guidance, a.batch_size, a.seed_offset, device,
                     dtype, not a.quiet)
     result = {"model": a.model, "num": a.num, "generated_now": made, "steps": a.steps, "guidance": a.guidance,

@@ -35,6 +35,7 @@ from ..metrics.fid import (center_crop_resize, fid_from_stats, inception_feature
                            stats_from_features)
 from ..prompts import clean
 from ..sampler import per_image_latents
+from ..student import RENOISE_SEED_OFFSET
 
 NUM = 30_000
 SEED = 0
@@ -92,15 +93,22 @@ def generate(model_dir: str, captions: list[str], out_dir: Path, steps: int = 1,
     pipe.to(device)
     lat = pipe.unet.config.sample_size
     shape = (pipe.unet.config.in_channels, lat, lat)
+    # a few-step export (fdistill/student.py): its timesteps, each image re-noised from its own stream
+    meta_path = Path(model_dir) / "fdistill_export.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    few = len(meta.get("timesteps") or []) == steps > 1
+    when = {"timesteps": meta["timesteps"]} if few else {"num_inference_steps": steps}
     chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     if progress:
         chunks = tqdm(chunks, desc="COCO generation", unit="batch")
     with ThreadPoolExecutor(4) as pool:
         for idx in chunks:
             z = per_image_latents([seed_offset + i for i in idx], shape, device).to(dtype)
+            gens = [torch.Generator().manual_seed(seed_offset + i + RENOISE_SEED_OFFSET) for i in idx] if few \
+                else None
             with torch.no_grad():
-                imgs = pipe([captions[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance,
-                            latents=z, output_type="np").images
+                imgs = pipe([captions[i] for i in idx], guidance_scale=guidance, latents=z, generator=gens,
+                            output_type="np", **when).images
             u8 = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
             list(pool.map(_png_writer, [out_dir / f"{i:05d}.png" for i in idx], list(u8)))
     return len(todo)

@@ -23,6 +23,15 @@ flow models keep their own ``FlowMatchEulerDiscreteScheduler``, whose one-step s
 Euler update z - v = x0 at t = 1, exactly the generator. Call it with ``num_inference_steps=1`` and
 ``guidance_scale`` as recorded in ``fdistill_export.json`` (1 for SDXL/SD3: the student is unguided; Flux-dev: the
 distillation's guidance value, its embedding input).
+
+A few-step student (``student.steps``, fdistill/student.py) is exported with a scheduler whose steps re-noise the
+network's x0 with fresh noise to the next level: SDXL with ``LCMScheduler`` at the student's DDPM timesteps (as
+SD1.5, fdistill/export_sd.py), flow models with ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True,
+shift=1)``, whose step is (1 - t_next) x0 + t_next eps, at the student's flow times t = sigma / (1 + sigma) passed
+unshifted as ``sigmas=[...]``. ``fdistill_export.json`` records the call (``call_kwargs``). diffusers' SD3 and Flux
+pipelines draw that step's noise from torch's global stream (they do not pass ``generator`` to the step), so
+``fdistill sample`` makes flow students' images one per call after ``torch.manual_seed(seed + 2**32)``
+(``flow_few_step_image``), which a stock pipeline call reproduces.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from ..hub import load_kwargs
 from ..imageio import save_grid
 from ..lora import LoraSpec, adapter_state, lora_networks, merge, save_lora_weights
 from ..sampler import SampleSource, per_image_latents
+from ..student import RENOISE_SEED_OFFSET
 from ..task import Task, check_task_keys
 from .coco_t2i import _real_caption_table, latent_cache, task_prompts
 
@@ -425,16 +435,41 @@ def network_from_checkpoint(ckpt, teacher: str | None = None, which: str = "ema"
     return net, lora_sd, family, {**meta, "weights": name, "teacher": str(teacher)}
 
 
-def one_step_pipeline(net, family: str, teacher: str, dtype=torch.float32):
-    """The teacher's pipeline (text encoders, tokenizers, VAE) around ``net`` with its one-step schedule."""
+def one_step_pipeline(net, family: str, teacher: str, dtype=torch.float32, student_sigmas=None):
+    """The teacher's pipeline (text encoders, tokenizers, VAE) around ``net`` with its one-step schedule (a
+    few-step student's ``student_sigmas``: its k-step schedule, module docstring)."""
     pipe = load_pipeline(teacher, family, dtype, **{FAMILIES[family][1]: net.to(dtype)})
-    if family == "sdxl":
+    k = len(student_sigmas) if student_sigmas else 1
+    if family == "sdxl" and k > 1:
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=k,
+                                                  clip_sample=False, thresholding=False)
+    elif family == "sdxl":
         from diffusers import DDIMScheduler
 
         from ..export_sd import ONE_STEP_SCHEDULER
 
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ONE_STEP_SCHEDULER)
+    elif k > 1:  # flow: Euler steps that re-noise x0 to the next t, at the student's own (unshifted) times
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, stochastic_sampling=True, shift=1.0, use_dynamic_shifting=False,
+            shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
     return pipe
+
+
+def few_step_call(family: str, teacher: str, student_sigmas) -> dict:
+    """The pipeline-call arguments that run a student: ``num_inference_steps=1``, or a few-step student's
+    ``timesteps`` (SDXL's DDPM timesteps) / ``sigmas`` (flow times t = sigma / (1 + sigma))."""
+    if not student_sigmas or len(student_sigmas) <= 1:
+        return {"num_inference_steps": 1}
+    if family == "sdxl":
+        from ..export_sd import student_timesteps
+
+        return {"timesteps": student_timesteps(str(teacher), student_sigmas, load_kwargs(str(teacher))["local_files_only"])}
+    return {"sigmas": [1.0 if math.isinf(float(s)) else float(s) / (1.0 + float(s)) for s in student_sigmas]}
 
 
 def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str = "ema", overwrite: bool = False,
@@ -446,7 +481,9 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --force or choose another folder")
-    pipe = one_step_pipeline(net, family, meta["teacher"], dtype or torch.float32)
+    sig = meta.get("student_sigmas")  # a few-step student's levels (absent: one step)
+    pipe = one_step_pipeline(net, family, meta["teacher"], dtype or torch.float32, sig)
+    call = few_step_call(family, meta["teacher"], sig)
     cfg = meta.get("config") or {}
     tcfg = cfg.get("task") or {}
     guidance = float(tcfg.get("guidance_scale") or _DEFAULT_GUIDANCE[family]) if family == "flux" else 1.0
@@ -457,12 +494,14 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
 
         save_lora_weights(lora_sd["adapters"], FAMILIES[family][1], lora_sd["scale"], tmp / "lora")
     (tmp / "fdistill_export.json").write_text(json.dumps({
-        "format": EXPORT_FORMAT, "family": family, "teacher": meta["teacher"], "num_inference_steps": 1,
+        "format": EXPORT_FORMAT, "family": family, "teacher": meta["teacher"],
+        "num_inference_steps": len(sig) if sig else 1, "call_kwargs": call,
         "guidance_scale": guidance, "weights": meta["weights"], "gen_step": meta.get("gen_step"),
         "divergence": cfg.get("divergence"), "latent_shape": _latent_shape(pipe, family, tcfg),
         "max_sequence_length": int(tcfg.get("max_sequence_length", 0) or 0),
         "lora": lora_sd is not None,
-        "usage": f"{FAMILIES[family][0]}.from_pretrained(folder)(prompt, num_inference_steps=1, "
+        "usage": f"{FAMILIES[family][0]}.from_pretrained(folder)(prompt, "
+                 f"{', '.join(f'{k}={v}' for k, v in call.items())}, "
                  f"guidance_scale={guidance}" + ("" if family == "sdxl" or not tcfg.get("max_sequence_length") else
                                                  f", max_sequence_length={tcfg['max_sequence_length']}") + ")"},
         indent=1))
@@ -470,6 +509,17 @@ def export_from_checkpoint(ckpt, out_dir, teacher: str | None = None, which: str
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def flow_few_step_image(pipe, prompt: str, latent: torch.Tensor, seed: int, kw: dict):
+    """One image of a few-step flow student (SD3 / FLUX.1) through its stock pipeline. Those pipelines do not hand
+    their ``generator`` to the scheduler's step, so the re-noising noise comes from torch's global stream: it is
+    seeded seed + 2**32 for this one image (on CPU the same noise as the image's own stream elsewhere), and the
+    global state is restored afterwards."""
+    devices = [latent.device] if latent.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + RENOISE_SEED_OFFSET)
+        return pipe([prompt], latents=latent, **kw).images
 
 
 def _latent_shape(pipe, family, tcfg):
@@ -489,9 +539,11 @@ def sample_source(source, which: str = "ema", teacher: str | None = None, device
         info = {"source": str(p.resolve()), "weights": meta.get("weights"), "gen_step": meta.get("gen_step")}
         shape, guidance = tuple(meta["latent_shape"]), meta["guidance_scale"]
         msl = meta.get("max_sequence_length", 0)
+        call = meta.get("call_kwargs") or {"num_inference_steps": 1}  # older exports: one step
     else:
         net, _, family, meta = network_from_checkpoint(p, teacher, which)
-        pipe = one_step_pipeline(net, family, meta["teacher"], dtype)
+        pipe = one_step_pipeline(net, family, meta["teacher"], dtype, meta.get("student_sigmas"))
+        call = few_step_call(family, meta["teacher"], meta.get("student_sigmas"))
         tcfg = (meta.get("config") or {}).get("task") or {}
         shape = tuple(_latent_shape(pipe, family, tcfg))
         guidance = float(tcfg.get("guidance_scale") or _DEFAULT_GUIDANCE[family]) if family == "flux" else 1.0
@@ -503,16 +555,26 @@ def sample_source(source, which: str = "ema", teacher: str | None = None, device
     # the T5 length the generator was trained with (padding tokens change T5's states)
     extra = {"max_sequence_length": msl} if msl and family != "sdxl" else {}
 
+    few = "num_inference_steps" not in call
+
     def generate(seeds, records):
         z = per_image_latents(seeds, shape, device).to(dtype)
         if family == "flux":
             z = pack_latents(z)
+        prompts = [r["prompt"] for r in records]
+        kw = dict(guidance_scale=guidance, height=side, width=side, output_type="np", **call, **extra)
         with torch.no_grad():
-            imgs = pipe([r["prompt"] for r in records], num_inference_steps=1, guidance_scale=guidance, latents=z,
-                        height=side, width=side, output_type="np", **extra).images
+            if few and family != "sdxl":
+                imgs = np.concatenate([flow_few_step_image(pipe, p, z[i:i + 1], int(s), kw)
+                                       for i, (p, s) in enumerate(zip(prompts, seeds))])
+            else:
+                # a few-step student re-noises each image from its own stream (seed + 2**32), as the others do
+                gens = [torch.Generator().manual_seed(int(s) + RENOISE_SEED_OFFSET) for s in seeds] if few else None
+                imgs = pipe(prompts, latents=z, generator=gens, **kw).images
         return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
 
-    return SampleSource("sd", generate, 0, {**info, "steps": 1, "guidance": guidance})
+    k = len(next(iter(call.values()))) if few else 1
+    return SampleSource("sd", generate, 0, {**info, "steps": k, "guidance": guidance})
 
 
 __all__ = ["FAMILIES", "build", "encode_texts", "export_from_checkpoint", "sample_source", "load_pipeline",

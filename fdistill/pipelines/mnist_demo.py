@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..generator import num_steps
 from ..imageio import save_grid
 from ..paths import MNIST_TEACHER_DIR as TEACHER_DIR
 from ..sampler import edm_nfe, edm_sample, per_image_latents
+from ..student import per_image_renoise
 
 NUM_CLASSES = 10
 FID_SAMPLES = 500
@@ -30,13 +32,17 @@ def _labels(n, device="cpu"):
 
 
 @torch.no_grad()
-def generate(fn, n: int, res: int, batch: int = 100, device="cpu") -> torch.Tensor:
-    """fn(latents, labels) -> images, for seeds 0..n-1 (one latent per seed, label = seed % 10)."""
+def generate(fn, n: int, res: int, batch: int = 100, device="cpu", steps: int = 1) -> torch.Tensor:
+    """fn(latents, labels) -> images, for seeds 0..n-1 (one latent per seed, label = seed % 10). A k-step
+    student's fn (``steps`` > 1) also gets each image's re-noising noise: fn(latents, labels, noise)."""
     out = []
     for start in range(0, n, batch):
         seeds = range(start, min(n, start + batch))
         z = per_image_latents(seeds, (1, res, res), device)
-        out.append(fn(z, _labels(n, device)[start:start + len(z)]).float().cpu())
+        args = (z, _labels(n, device)[start:start + len(z)])
+        if steps > 1:
+            args += (per_image_renoise(seeds, (1, res, res), steps, device),)
+        out.append(fn(*args).float().cpu())
     return torch.cat(out)
 
 
@@ -57,7 +63,8 @@ def fid_against_reference(images: torch.Tensor, ref_feats: np.ndarray, progress=
 
 def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, device="cpu",
                    num_fid: int = FID_SAMPLES, progress=True, n_grid: int = 100, teacher_dir=None) -> dict:
-    """The demo's metrics.json figures and samples.png (teacher multi-step | student one-step, same labels)."""
+    """The demo's metrics.json figures and samples.png (teacher multi-step | student one-step or k-step, same
+    labels)."""
     gen.eval()
     teacher.eval()
     # sample grid and sampling speed on the same latents and labels
@@ -65,11 +72,14 @@ def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, de
     x_teacher = generate(lambda z, y: edm_sample(teacher, z, y, TEACHER_STEPS), n_grid, res, n_grid, device)
     t_teacher = time.perf_counter() - t0
     t0 = time.perf_counter()
-    x_student = generate(lambda z, y: gen(z, y), n_grid, res, n_grid, device)
+    k = num_steps(gen)  # a few-step student samples in k evaluations, re-noised per image as `fdistill sample`
+    student_fn = lambda z, y, noise=None: gen(z, y, noise=noise)  # noqa: E731
+    x_student = generate(student_fn, n_grid, res, n_grid, device, k)
     t_student = time.perf_counter() - t0
     save_grid([x_teacher, x_student], Path(run_dir) / "samples.png",
-              titles=[f"teacher, EDM sampler ({edm_nfe(TEACHER_STEPS)} NFE)", "student, one step"])
-    out = {"nfe_teacher": edm_nfe(TEACHER_STEPS), "nfe_student": 1,
+              titles=[f"teacher, EDM sampler ({edm_nfe(TEACHER_STEPS)} NFE)",
+                      "student, one step" if k == 1 else f"student, {k} steps"])
+    out = {"nfe_teacher": edm_nfe(TEACHER_STEPS), "nfe_student": k,
            "sampling_speedup": round(t_teacher / max(t_student, 1e-9), 1),
            "sampling_images": n_grid, "teacher_sampling_sec": round(t_teacher, 3),
            "student_sampling_sec": round(t_student, 4)}
@@ -78,7 +88,7 @@ def evaluate_mnist(gen, teacher, teacher_meta: dict, run_dir: Path, res: int, de
     ref = reference_features(Path(teacher_dir) if teacher_dir else TEACHER_DIR)
     from ..metrics.fid import fid_from_features, inception_features
 
-    xs = generate(lambda z, y: gen(z, y), num_fid, res, 100, device)
+    xs = generate(student_fn, num_fid, res, 100, device, k)
     feats = inception_features(xs, batch_size=50, progress=progress)
     # kept for `fdistill eval pr run/student_features.npz REF` (precision/recall on the same features)
     np.savez_compressed(Path(run_dir) / "student_features.npz", feats=feats.astype(np.float32))
