@@ -1,4 +1,5 @@
-"""Several processes through accelerate (CPU, gloo): identical parameters on every rank, end to end."""
+"""Several processes through accelerate (CPU, gloo): identical parameters on every rank, end to end (toy, MNIST,
+and the flow-matching teachers SD3 / FLUX.1 in full and with LoRA students)."""
 
 import json
 import os
@@ -6,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+
+import tiny_teachers  # noqa: E402  (tests/ is on sys.path)
 from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +64,51 @@ def test_mnist_pipeline_two_processes(tmp_path):
     assert (out / "samples.png").is_file() and (out / "ckpt-00000002").is_dir()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Today's teachers (tests/tiny_teachers.py): a flow-matching transformer trained in full and a LoRA student
+
+
+@pytest.mark.parametrize("family,config,extra", [
+    ("sd3", "configs/sd35_medium_js.yaml", ("gradient_checkpointing=false",)),
+    # LoRA students: the two adapters on one checkpointed base, under DDP
+    ("flux", "configs/flux_dev_js.yaml", ("task.lora_rank=4", "gradient_checkpointing=true"))],
+    ids=["sd3-full", "flux-lora"])
+def test_flow_teacher_two_processes_keep_ranks_identical_and_export(family, config, extra, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from fdistill.cli import main as cli_main
+
+    teacher = getattr(tiny_teachers, f"tiny_{family}")(tmp_path / "teacher")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("a red bus\ntwo dogs in the snow\na plate of food\na man on a horse\n")
+    out = tmp_path / "run"
+    r = _launch(ROOT / config, out, f"teacher={teacher}", f"prompts={tmp_path / 'prompts.txt'}", f"data={images}",
+                "task.teacher_dtype=float32", "task.resolution=32", "task.max_sequence_length=16",
+                "task.eval_prompts=2", "steps=2", "batch_size=2", "log.every=1", *extra)
+    assert r.returncode == 0, r.stderr[-4000:]
+    params = _same_on_both_ranks(out)
+    ck = out / "ckpt-00000002"
+    gen = load_file(str(ck / "generator.safetensors"))
+    assert all(torch.equal(params[k], gen[k]) for k in params)
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["images_seen"] == 2 * 2 * 2
+    if family == "flux":  # adapters only, in the generator and the fake score; B left zero, so training moved it
+        fake = load_file(str(ck / "fake_score.safetensors"))
+        assert all(".lora." in k for k in gen) and all(k.startswith("lora.") for k in fake)
+        assert max(v.abs().max() for k, v in gen.items() if k.endswith("B.weight")) > 0
+    else:  # the trained copy moved away from the teacher's weights
+        base = load_file(str(teacher / "transformer" / "diffusion_pytorch_model.safetensors"))
+        prefix = "denoiser.backbone."
+        assert {k[len(prefix):] for k in gen} == set(base)
+        assert any(not torch.equal(gen[prefix + k], base[k]) for k in base)
+    # the two-process checkpoint exports the family's own pipeline (LoRA merged)
+    assert cli_main(["export", str(out), str(tmp_path / "export")]) == 0
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert type(pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
+    assert (tmp_path / "export" / "lora").is_dir() == (family == "flux")
