@@ -145,6 +145,24 @@ def test_distill_two_steps_export_and_one_step_images(family, extra, teachers, d
         np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("family,blocks", [("sd3", ["transformer_blocks.0"]),
+                                           ("flux", ["transformer_blocks.0", "single_transformer_blocks.0"])])
+def test_feature_blocks_are_a_config_key(family, blocks, teachers, data_dir, tmp_path):
+    """task.feature_modules picks the transformer blocks whose image tokens the discriminator reads: one conv head
+    per block, each on the latent grid of tokens."""
+    from fdistill.pipelines import build_task
+
+    task = build_task(_cfg(family, teachers[family], data_dir, tmp_path / "run",
+                           f"task.feature_modules=[{','.join(blocks)}]"), "cpu")
+    teacher = getattr(task.teacher, "inner", task.teacher)  # SD3: the CFG wrapper around the flow adapter
+    assert teacher.feature_modules == blocks and len(task.discriminator.heads) == len(blocks)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        feats = task.teacher(torch.randn(2, 4, 16, 16, generator=g), 2.0, task.sample_cond(2, g, "cpu"),
+                             mode="features")
+    assert [tuple(f.shape[2:]) for f in feats] == [(8, 8)] * len(blocks)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA students
 
