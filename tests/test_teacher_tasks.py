@@ -286,3 +286,25 @@ def test_lora_gradient_checkpointing_recomputes_with_the_passes_own_adapter(teac
     assert all(p.abs().sum() > 0 for p in plain)
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["sdxl", "sd35", "flux"])
+def test_step_benchmark_runs_each_family_on_its_tiny_teacher(config, tmp_path):
+    """`benchmarks/step.py --config sdxl|sd35|flux --tiny` (the rows of benchmarks/RESULTS.md): the trainer's
+    iterations run through each task; the counted teacher rows say CFG (2B: SDXL, SD3.5) or FLUX.1-dev's guidance
+    embedding (B, no unconditional pass)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step.py"), "--config", config, "--tiny",
+                           "--batch", "2", "--iters", "1", "--warmup", "1", "--repeats", "1", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.abspath(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["complete"] and r["config"] == config and r["device"] == "cpu"
+    teacher = r["calls_per_iter"]["generator"]["teacher"]
+    assert teacher["forward"] == 1 and teacher["rows"] == (2 if config == "flux" else 4)
+    assert r["generator"]["time_s_median"] > 0 and r["critic"]["time_s_median"] > 0
