@@ -149,7 +149,7 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# timing
+# what the divergence adds, and the speed options
 
 
 def time_weighting(runner, divs, reps=200) -> dict:
@@ -172,9 +172,6 @@ def time_weighting(runner, divs, reps=200) -> dict:
             us = (time.perf_counter() - t0) / reps * 1e6
             out[name] = min(out.get(name, float("inf")), us)
     return {k: round(v, 2) for k, v in out.items()}
-
-
-# ------------------------------------------------------------------------------------------------------------
 
 
 def split_cfg(teacher):
