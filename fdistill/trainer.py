@@ -6,7 +6,8 @@
 
 Each iteration updates the critic (fake score + discriminator head) and, every ``critic_per_gen``-th, the
 generator (DMD2's scheme), or alternates k-1 critic iterations with one generator iteration (FastGen's);
-each update may accumulate ``optim.grad_accum`` micro-batches.
+each update may accumulate ``optim.grad_accum`` micro-batches. The updates themselves are
+``fdistill.iteration.TrainingIteration``'s; this loop decides when each runs, logs, evaluates and checkpoints.
 The run directory holds config.yaml, metrics.jsonl, sample grids, checkpoints and, at the end, metrics.json;
 rerunning the same command resumes from the newest checkpoint exactly. Under FSDP gradient norms are global,
 EMAs are full copies, and checkpoints hold full tensors gathered on the main process: the same files a single
