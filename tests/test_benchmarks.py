@@ -83,10 +83,12 @@ def test_step_benchmark_tiny(tmp_path):
     assert r["host_syncs_per_iter"] == {"generator": None, "critic": None}  # CUDA only
 
 
-def test_step_benchmark_runs_the_trainers_iteration(tmp_path):
+@pytest.mark.parametrize("recipe", [["recipe=dmd2"], ["recipe=fastgen", "schedule.critic_per_gen=1"]])
+def test_step_benchmark_runs_the_trainers_iteration(tmp_path, recipe):
     """benchmarks/step.py has no update step of its own: its Runner drives the trainer's TrainingIteration, so its
     first critic + generator iteration gives the losses and gradient norms of the trainer's first generator step
-    bit for bit (same config, seed and initial weights; one process, the same computation)."""
+    bit for bit (same config, seed and initial weights; one process, the same computation), under either recipe
+    (fastgen: conditions of the real batch, unclipped critic, per-iteration EMAs)."""
     spec = importlib.util.spec_from_file_location("step_benchmark", ROOT / "benchmarks" / "step.py")
     step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step)
@@ -94,7 +96,7 @@ def test_step_benchmark_runs_the_trainers_iteration(tmp_path):
     cfg = load_config(ROOT / "configs" / "toy2d.yaml", [
         f"out={tmp_path / 'run'}", "steps=1", "batch_size=32", "schedule.critic_warmup=0", "log.every=1",
         "log.progress=false", "task.hidden=16", "task.fake_hidden=16", "task.eval_samples=500",
-        "task.kde_samples=64"])
+        "task.kde_samples=64", *recipe])
     distill(cfg, build_run_task(cfg))
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
 
