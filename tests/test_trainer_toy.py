@@ -142,7 +142,7 @@ def test_toy_generators():
 
 
 def test_default_toy_converges(tmp_path):
-    """The issue's criterion on the default run itself (js, seed 0, ~70 s on one thread): under 10% of the samples
+    """The issue's criterion on the default run itself (js, seed 0, ~2 min on one thread): under 10% of the samples
     off every mode, and at least 6 of the 8 modes with a quarter of their mass."""
     out = tmp_path / "run"
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -38,8 +38,7 @@ DEFAULTS = {
                              # 'mlp': a plain MLP (spectral bias: bridges between modes for thousands of steps)
     "anchors": 128,          # number of learned anchor points of the 'anchors' generator
     "anchor_init": 4.0,      # std of the anchors' initial positions (the data's scale: ring radius 4)
-    "logit_std": 0.0,        # >0: scale the last layer at init so the anchor logits have this std (softmax sharpness)
-    "spread_max": 0.5,       # soft bound on the linear spread's total std ||A||_F (twice the modes' std 0.25);
+    "spread_max": 0.5,       # soft bound on the linear spread's total std ||A||_F (a mode's: 0.25 sqrt 2 = 0.35);
                              # 0: unbounded (streaks across the ring on some seeds: docs/robustness.md)
     "latent_components": 0,  # >0 ('mlp' only): the latent also holds a one-hot of K equiprobable components
     "hidden": 256,        # generator MLP width
@@ -146,7 +145,7 @@ class AnchorGenerator(MLPGenerator):
     """
 
     def __init__(self, latent_dim: int = 8, out_dim: int = 2, hidden: int = 256, anchors: int = 64,
-                 anchor_init: float = 3.0, spread_max: float = 0.0, logit_std: float = 0.0):
+                 anchor_init: float = 3.0, spread_max: float = 0.0):
         super().__init__(latent_dim, anchors, hidden, depth=3)  # self.net: z -> anchor logits
         self.anchors = nn.Parameter(anchor_init * torch.randn(anchors, out_dim))
         self.spread = nn.Linear(latent_dim, out_dim)
@@ -154,12 +153,6 @@ class AnchorGenerator(MLPGenerator):
         nn.init.zeros_(self.spread.bias)
         with torch.no_grad():
             self.spread.weight.mul_(0.1)  # start nearly at the anchors; the spread is learned
-            if logit_std > 0:
-                probe = torch.randn(1024, latent_dim, generator=torch.Generator().manual_seed(0))
-                last = self.net[-1]
-                gain = logit_std / float(self.net(probe).std(1).mean())
-                last.weight.mul_(gain)
-                last.bias.mul_(gain)
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         A = self.spread.weight
@@ -212,7 +205,7 @@ def build(cfg, device) -> Task:
         if K:
             raise ValueError("task.latent_components needs task.generator=mlp")
         generator = AnchorGenerator(t["latent_dim"], 2, t["hidden"], t["anchors"], t["anchor_init"],
-                                    t["spread_max"], t["logit_std"])
+                                    t["spread_max"])
     elif t["generator"] == "mlp":
         generator = (MixtureLatentGenerator(t["latent_dim"], K, 2, t["hidden"]) if K > 0
                      else MLPGenerator(t["latent_dim"], 2, t["hidden"], depth=4))
@@ -224,11 +217,6 @@ def build(cfg, device) -> Task:
 
     if t["init"] == "collapsed":
         _fit_collapsed(generator, gmm, t["init_steps"])
-    elif t["init"] == "teacher":
-        if t["generator"] != "anchors":
-            raise ValueError("task.init=teacher needs task.generator=anchors")
-        with torch.no_grad():  # anchors at teacher samples
-            generator.anchors.copy_(gmm.sample(t["anchors"], torch.Generator().manual_seed(cfg.seed)))
     elif t["init"] != "random":
         raise ValueError(f"task.init must be 'random' or 'collapsed', got {t['init']!r}")
 
