@@ -170,7 +170,7 @@ def test_default_toy_converges(tmp_path):
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"),
                         f"out={out}", "divergence=js", "log.progress=false"],
-                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=900)
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["off_mode_fraction"] < 0.10, m
