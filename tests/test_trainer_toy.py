@@ -77,6 +77,27 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert r.returncode == 2 and "different config" in r.stderr
 
 
+def test_a_toy_run_from_before_the_bounded_spread_resumes_unbounded(tmp_path):
+    """A run whose saved config predates task.spread_max (and the new anchor defaults) resumes with the generator
+    it was started with: an unbounded spread (fdistill.pipelines.LEGACY_TASK_DEFAULTS)."""
+    from fdistill.pipelines import legacy_task_keys
+
+    out = tmp_path / "run"
+    assert _run(out, "steps=2", "log.ckpt_every=2").returncode == 0
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("spread_max", "anchor_init"):
+        del saved["task"][key]  # as an older fdistill wrote it
+    (out / "config.json").write_text(json.dumps(saved))
+    (out / "config.yaml").write_text(json.dumps(saved))  # JSON is YAML
+    cfg = load_config(out / "config.yaml", [f"out={out}"])
+    assert legacy_task_keys(cfg) == {"spread_max": 0.0, "anchor_init": 3.0}
+    r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(out / "config.yaml"), f"out={out}",
+                        "steps=4"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "ckpt-00000004").is_dir()
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="divergance"):
         load_config(ROOT / "configs/toy2d.yaml", ["divergance=js"])
