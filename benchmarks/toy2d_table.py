@@ -50,8 +50,9 @@ def main():
 
 
 def table(results: dict) -> str:
-    rows = ["| divergence | ratio | mode_coverage | mode_mass_tv | off_mode_fraction | calib corr / slope (mid sigma) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| divergence | ratio | seeds | mode_coverage | mode_mass_tv | off_mode_fraction | "
+            "calib corr / slope (mid sigma) |",
+            "|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for key, r in results.items():
         d, ratio, _ = key.split("/")
@@ -66,9 +67,9 @@ def table(results: dict) -> str:
         if "calib_corr_mid" in rs[0]:
             cal = (f"{sum(r['calib_corr_mid'] for r in rs) / len(rs):.2f} / "
                    f"{sum(r['calib_slope_mid'] for r in rs) / len(rs):.2f}")
-        rows.append(f"| {d} | {ratio} | {fmt([r['mode_coverage'] for r in rs])} | "
+        rows.append(f"| {d} | {ratio} | {len(rs)} | {fmt([r['mode_coverage'] for r in rs])} | "
                     f"{fmt([r['mode_mass_tv'] for r in rs])} | {fmt([r['off_mode_fraction'] for r in rs])} | {cal} |")
-    return "\n".join(rows) + f"\n\n{len(next(iter(groups.values())))} seeds per row; mean (min-max)."
+    return "\n".join(rows) + "\n\nmean (min-max) over the seeds of each row."
 
 
 if __name__ == "__main__":

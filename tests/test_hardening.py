@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fdistill import checkpoint as ckpt
 from fdistill.cli import main as cli_main
 from fdistill.config import ConfigError, DistillConfig, load_config, to_dict
-from fdistill.errors import RunLocked
+from fdistill.errors import RunLocked, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs/toy2d.yaml")
@@ -212,6 +212,21 @@ def test_lm_out_reused_with_another_config_is_refused(tmp_path):
         check_out(out, "dpo", DPOConfig(out=str(out), beta=0.5))
     with pytest.raises(ConfigError, match="'fdistill lm dpo' run"):
         check_out(out, "fdpg", FDPGConfig(out=str(out)))
+
+
+@pytest.mark.parametrize("error", [ValueError("data.jsonl: record 1 lacks string field(s) ['chosen']"),
+                                   KeyError("no samples seen for 'x'"),
+                                   TrainingDiverged("non-finite loss at step 3")])
+def test_lm_known_training_failure_exits_2_with_one_line(monkeypatch, capsys, tmp_path, error):
+    # like every other command: a known failure while training is one line and exit code 2, not 1
+    from fdistill.commands import lm as lm_command
+
+    def fail(cfg):
+        raise error
+    monkeypatch.setattr(lm_command, "TRAINERS", {**lm_command.TRAINERS, "dpo": fail})
+    assert lm_command.main(["dpo", f"out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fdistill lm dpo: error: ") and len(err.strip().splitlines()) == 1
 
 
 def test_lm_an_empty_prompts_file_is_named(tmp_path):

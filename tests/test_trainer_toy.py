@@ -77,6 +77,27 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert r.returncode == 2 and "different config" in r.stderr
 
 
+def test_a_toy_run_from_before_the_bounded_spread_resumes_unbounded(tmp_path):
+    """A run whose saved config predates task.spread_max (and the new anchor defaults) resumes with the generator
+    it was started with: an unbounded spread (fdistill.pipelines.LEGACY_TASK_DEFAULTS)."""
+    from fdistill.pipelines import legacy_task_keys
+
+    out = tmp_path / "run"
+    assert _run(out, "steps=2", "log.ckpt_every=2").returncode == 0
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("spread_max", "anchor_init"):
+        del saved["task"][key]  # as an older fdistill wrote it
+    (out / "config.json").write_text(json.dumps(saved))
+    (out / "config.yaml").write_text(json.dumps(saved))  # JSON is YAML
+    cfg = load_config(out / "config.yaml", [f"out={out}"])
+    assert legacy_task_keys(cfg) == {"spread_max": 0.0, "anchor_init": 3.0}
+    r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(out / "config.yaml"), f"out={out}",
+                        "steps=4"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "ckpt-00000004").is_dir()
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="divergance"):
         load_config(ROOT / "configs/toy2d.yaml", ["divergance=js"])
@@ -138,6 +159,16 @@ def test_toy_generators():
         y = g(g.sample_latents(256))
     lo, hi = g.anchors.min(0).values, g.anchors.max(0).values
     assert bool(((y >= lo - 1e-5) & (y <= hi + 1e-5)).all())
+    # spread_max bounds the spread's total std softly: nearly the identity for a small A, at most the bound for a large
+    b = toy2d.AnchorGenerator(latent_dim=8, hidden=32, anchors=16, spread_max=0.5)
+    z = b.sample_latents(4096)
+    with torch.no_grad():
+        b.spread.weight.copy_(0.01 * torch.ones(2, 8))
+        mixed = torch.softmax(b.net(z), dim=1) @ b.anchors
+        assert torch.allclose(b(z) - mixed, z @ b.spread.weight.T, rtol=5e-3, atol=1e-6)
+        b.spread.weight.mul_(1000)  # ||A||_F = 40
+        rms = (b(z) - mixed).pow(2).sum(1).mean().sqrt()
+    assert 0.45 < rms <= 0.5 * 1.05, rms  # the sample estimate of ||A||_F after the bound
 
     def build(*over):
         return build_task(load_config(ROOT / "configs/toy2d.yaml", ["task.hidden=16", "task.fake_hidden=16", *over]),
@@ -154,13 +185,13 @@ def test_toy_generators():
 
 
 def test_default_toy_converges(tmp_path):
-    """The issue's criterion on the default run itself (js, seed 0, ~70 s on one thread): under 10% of the samples
+    """The issue's criterion on the default run itself (js, seed 0, ~2 min on one thread): under 10% of the samples
     off every mode, and at least 6 of the 8 modes with a quarter of their mass."""
     out = tmp_path / "run"
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"),
                         f"out={out}", "divergence=js", "log.progress=false"],
-                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=900)
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["off_mode_fraction"] < 0.10, m
@@ -168,11 +199,10 @@ def test_default_toy_converges(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, pytest.param(3, marks=pytest.mark.xfail(
-    strict=False, reason="measured on this machine: seed 3 ends with 36% of the samples off every mode and 5 of 8 "
-                         "modes (docs/robustness.md, the toy's spread); the default is not yet seed-robust")), 4, 5])
+@pytest.mark.parametrize("seed", range(1, 8))
 def test_default_toy_converges_on_other_seeds(tmp_path, seed):
-    """The same criterion as test_default_toy_converges on seeds the toy was not tuned on (~70-300 s each)."""
+    """The same criterion as test_default_toy_converges on seven more seeds (~70-300 s each): the default converges
+    on every seed measured, not only on the one it was tuned on (docs/robustness.md, the toy across seeds)."""
     out = tmp_path / "run"
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(ROOT / "configs/toy2d.yaml"),

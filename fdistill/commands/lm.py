@@ -19,7 +19,7 @@ from fdistill.lm.config import CONFIGS, ConfigError, describe, dump_yaml, load_c
 from fdistill.lm.demo import run_demo
 from fdistill.lm.trainers import TRAINERS
 
-from . import call
+from . import USER_ERRORS, call
 
 DESCRIPTIONS = {
     "dpo": "f-DPO (Wang et al. 2023, arXiv 2309.16240): DPO with the reverse-KL constraint replaced by any "
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     run = run_demo if ns.command == "demo" else TRAINERS[ns.command]
-    # a failure while training exits 1 (the config was fine); KeyError: a column missing from a data file
-    result, rc = call(prog, run, cfg, errors=(ValueError, FileNotFoundError, KeyError), code=1)
+    # a known failure while training (a data file, a diverged run) exits 2 like every other command;
+    # KeyError: a column missing from a data file
+    result, rc = call(prog, run, cfg, errors=(*USER_ERRORS, KeyError))
     if rc:
         return rc
     if ns.command != "demo":

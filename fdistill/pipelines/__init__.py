@@ -30,6 +30,8 @@ BUILDERS = {
 LEGACY_TASK_DEFAULTS = {
     # MNIST's discriminator read only the teacher's 4x4 bottleneck until the head fix of docs/discriminator.md
     "mnist": {"feature_modules": ["mid_block"]},
+    # the toy's anchor generator before its seed-robust default (docs/robustness.md): an unbounded spread
+    "toy2d": {"anchors": 64, "anchor_init": 3.0, "spread_max": 0.0},
 }
 """Task defaults that changed after runs were written with them. A run directory whose saved config lacks such a
 key was built with the old value, so resuming it uses that value (its checkpoints hold networks of that shape)."""

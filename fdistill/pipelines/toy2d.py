@@ -36,8 +36,10 @@ DEFAULTS = {
     "latent_dim": 8,
     "generator": "anchors",  # 'anchors': MLP -> softmax over learned anchor points (tears with moderate weights);
                              # 'mlp': a plain MLP (spectral bias: bridges between modes for thousands of steps)
-    "anchors": 64,           # number of learned anchor points of the 'anchors' generator
-    "anchor_init": 3.0,      # std of the anchors' initial positions (the data's scale: ring radius 4)
+    "anchors": 128,          # number of learned anchor points of the 'anchors' generator
+    "anchor_init": 4.0,      # std of the anchors' initial positions (the data's scale: ring radius 4)
+    "spread_max": 0.5,       # soft bound on the linear spread's total std ||A||_F (a mode's: 0.25 sqrt 2 = 0.35);
+                             # 0: unbounded (streaks across the ring on some seeds: docs/robustness.md)
     "latent_components": 0,  # >0 ('mlp' only): the latent also holds a one-hot of K equiprobable components
     "hidden": 256,        # generator MLP width
     "fake_hidden": 256,   # fake-score MLP width: it must resolve the student's modes at low sigma
@@ -131,6 +133,10 @@ class AnchorGenerator(MLPGenerator):
     """x = softmax(MLP(z)) @ anchors + A z: an MLP from a Gaussian latent whose last layer is a softmax over K learned
     anchor points, plus a learned linear spread.
 
+    ``spread_max`` > 0 bounds the spread's total standard deviation ||A||_F softly (A -> A b tanh(|A|/b) / |A|), so
+    that the spread can shape each anchor's blob but not carry mass between modes: unbounded, A grew into streaks
+    across the ring on some seeds (a third of the samples between modes); moving mass is the softmax's job.
+
     Still a continuous map from Gaussian noise, but its softmax switches between anchors with moderate weights, so
     it can tear between modes in a few hundred steps. A plain MLP must grow large weights to make a staircase
     (spectral bias): driven by the exact fake score it still had 38-51% of its samples on bridges after 800 steps,
@@ -139,16 +145,21 @@ class AnchorGenerator(MLPGenerator):
     """
 
     def __init__(self, latent_dim: int = 8, out_dim: int = 2, hidden: int = 256, anchors: int = 64,
-                 anchor_init: float = 3.0):
+                 anchor_init: float = 3.0, spread_max: float = 0.0):
         super().__init__(latent_dim, anchors, hidden, depth=3)  # self.net: z -> anchor logits
         self.anchors = nn.Parameter(anchor_init * torch.randn(anchors, out_dim))
         self.spread = nn.Linear(latent_dim, out_dim)
+        self.spread_max = float(spread_max)
         nn.init.zeros_(self.spread.bias)
         with torch.no_grad():
             self.spread.weight.mul_(0.1)  # start nearly at the anchors; the spread is learned
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        return torch.softmax(self.net(z), dim=1) @ self.anchors + self.spread(z)
+        A = self.spread.weight
+        if self.spread_max > 0:  # the soft bound on ||A||_F (class docstring)
+            norm = A.norm().clamp(min=1e-12)
+            A = A * (self.spread_max * torch.tanh(norm / self.spread_max) / norm)
+        return torch.softmax(self.net(z), dim=1) @ self.anchors + z @ A.T + self.spread.bias
 
 
 def mode_metrics(x: torch.Tensor, gmm: GMM) -> dict:
@@ -193,7 +204,8 @@ def build(cfg, device) -> Task:
     if t["generator"] == "anchors":
         if K:
             raise ValueError("task.latent_components needs task.generator=mlp")
-        generator = AnchorGenerator(t["latent_dim"], 2, t["hidden"], t["anchors"], t["anchor_init"])
+        generator = AnchorGenerator(t["latent_dim"], 2, t["hidden"], t["anchors"], t["anchor_init"],
+                                    t["spread_max"])
     elif t["generator"] == "mlp":
         generator = (MixtureLatentGenerator(t["latent_dim"], K, 2, t["hidden"]) if K > 0
                      else MLPGenerator(t["latent_dim"], 2, t["hidden"], depth=4))
