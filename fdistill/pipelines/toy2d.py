@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..denoisers import Denoiser, EDMPrecondMLP, MLPBackbone, as_sigma, edm_precond
 from ..discriminator import MLPHead, Discriminator
-from ..generator import MLPGenerator, OneStepGenerator
+from ..generator import MLPGenerator, OneStepGenerator, num_steps
 from ..noise import NoiseSchedule
 from ..objective import calibration
 from ..task import Task, check_task_keys
@@ -266,6 +266,7 @@ def build(cfg, device) -> Task:
                     run_dir / name, lim=t["radius"] + 2)
         if final:
             m["eval_samples"] = n
+            m["nfe_student"] = num_steps(gen)  # network evaluations per sample: student.steps
             m["true_mass"] = [round(float(w), 4) for w in gmm.weights]
             m.update(_calibration_report(gen, teacher, disc, oracle_log_ratio, schedule, t, device))
         return m
