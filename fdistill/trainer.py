@@ -64,20 +64,25 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
     return out
 
 
-def _check_resume_config(run_dir: Path, cfg: DistillConfig):
+def _check_resume_config(run_dir: Path, cfg: DistillConfig, legacy_task_keys: dict | None = None):
     """Refuse to resume a run with a different config, or with ``steps`` below the step it has reached. A run
-    directory without a checkpoint holds no run to protect (e.g. a start that failed): its config is replaced."""
+    directory without a checkpoint holds no run to protect (e.g. a start that failed): its config is replaced.
+    ``legacy_task_keys``: task keys the saved config lacks because it predates them, at the values its run used
+    (``fdistill.pipelines.LEGACY_TASK_DEFAULTS``)."""
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ConfigError(f"out={run_dir} is a file, not a run directory; choose another out=DIR")
     saved = run_dir / "config.json"
     if not saved.is_file() or ckpt.latest_checkpoint(run_dir) is None:
         return
     old = _with_defaults(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(DistillConfig()))))
+    if legacy_task_keys:
+        old["task"] = {**(old.get("task") or {}), **json.loads(json.dumps(legacy_task_keys))}
     new = json.loads(json.dumps(to_dict(cfg)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
     if diff:
-        raise ConfigError(f"{run_dir} holds a run with a different config (keys {diff}); resume it with the same "
-                          "settings, or choose another out=DIR")
+        raise ConfigError(f"{run_dir} holds a run with a different config (keys {diff}); resume it with its own "
+                          f"settings (fdistill distill {run_dir / 'config.yaml'} out={run_dir}), or choose another "
+                          "out=DIR")
     try:
         reached = json.loads((ckpt.latest_checkpoint(run_dir) / "meta.json").read_text())["gen_step"]
     except (OSError, ValueError, KeyError):
@@ -188,7 +193,7 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
                               kwargs_handlers=[ddp_kwargs], **tracking.accelerator_kwargs(cfg.log.trackers, run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
-    _check_resume_config(run_dir, cfg)  # read-only: a mismatched run directory is refused before anything runs
+    _check_resume_config(run_dir, cfg, task.info.get("legacy_task_keys"))  # read-only: a mismatched run directory is refused before anything runs
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
