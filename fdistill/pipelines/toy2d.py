@@ -5,8 +5,9 @@ Noised: p_sigma = sum_k w_k N(mu_k, (s^2 + sigma^2) I), and the exact denoiser i
     E[x0 | x_t] = sum_k gamma_k(x_t) (sigma^2 mu_k + s^2 x_t) / (s^2 + sigma^2),   gamma_k = posterior of mode k.
 Generator: an MLP from an 8-D Gaussian latent ending in a softmax over learned anchor points (``generator=mlp``:
 a plain MLP; ``generator=denoiser``: the teacher's exact denoiser plus a trainable residual, evaluated at sigma_max
-as the image pipelines' generators are, which can also be a few-step student); fake score: an EDM-preconditioned MLP; discriminator: an MLP head on the
-teacher's "features" (its scaled input and noise level: an analytic teacher has no hidden layers).
+from a 2-D latent as the image pipelines' generators are, the one that can be a few-step student); fake score: an
+EDM-preconditioned MLP; discriminator: an MLP head on the teacher's "features" (its scaled input and noise level:
+an analytic teacher has no hidden layers).
 Oracle ratio (``ratio=oracle``): log p_sigma(x_t) (exact) minus log of a Gaussian kernel density estimate of the
 generator's noisy distribution.
 """
@@ -37,8 +38,9 @@ DEFAULTS = {
     "latent_dim": 8,
     "generator": "anchors",  # 'anchors': MLP -> softmax over learned anchor points (tears with moderate weights);
                              # 'mlp': a plain MLP (spectral bias: bridges between modes for thousands of steps);
-                             # 'denoiser': the teacher's denoiser made trainable (ResidualDenoiser), at sigma_max;
-                             # the only one that takes a noise level, so the only one for student.steps > 1
+                             # 'denoiser': the teacher's denoiser made trainable (ResidualDenoiser), at sigma_max
+                             # from a 2-D latent (latent_dim unused); the only one that takes a noise level, so
+                             # the only one for student.steps > 1
     "anchors": 64,           # number of learned anchor points of the 'anchors' generator
     "anchor_init": 3.0,      # std of the anchors' initial positions (the data's scale: ring radius 4)
     "latent_components": 0,  # >0 ('mlp' only): the latent also holds a one-hot of K equiprobable components
