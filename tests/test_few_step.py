@@ -6,6 +6,7 @@ pipeline of the ``sd_dir`` fixture. No downloads.
 """
 
 import json
+import math
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -94,18 +95,22 @@ def test_bad_levels_are_refused_naming_the_key(cfg, words):
     assert words in str(e.value)
 
 
-def test_config_validation_and_the_one_step_toy(tmp_path):
+def test_config_validation_and_the_toy_generators_without_a_noise_level(tmp_path, capsys):
     with pytest.raises(ConfigError, match="batch_size"):
         load_config(CONFIGS / "mnist.yaml", ["student.steps=4", "batch_size=2"])
     with pytest.raises(ConfigError, match="student.sigmas"):
         load_config(CONFIGS / "mnist.yaml", ["student.steps=2", "student.sigmas=[80.0]"])
     with pytest.raises(ConfigError, match="unknown config key 'student.step'"):
         load_config(CONFIGS / "mnist.yaml", ["student.step=2"])
-    # the toy's MLP generator has no noise-level input: refused before anything is written
-    out = tmp_path / "toy"
-    rc = cli(["distill", str(CONFIGS / "toy2d.yaml"), f"out={out}", "steps=1", "student.steps=2",
-              "log.progress=false"])
-    assert rc != 0 and not out.exists()
+    # the toy's default (anchors) and MLP generators have no noise-level input: refused before anything is
+    # written, naming the generator that has one
+    for gen in ("anchors", "mlp"):
+        out = tmp_path / f"toy_{gen}"
+        rc = cli(["distill", str(CONFIGS / "toy2d.yaml"), f"out={out}", "steps=1", "student.steps=2",
+                  f"task.generator={gen}", "log.progress=false"])
+        err = capsys.readouterr().err
+        assert rc != 0 and not out.exists()
+        assert "student.steps=2" in err and "task.generator=denoiser" in err and f"task.generator={gen}" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +250,72 @@ def test_one_step_is_todays_loss_bit_for_bit(teacher):
     assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
     assert torch.equal(a[4], b[4])  # the same random draws, in the same order
     assert a[5] == b[5] == [(2, []), (2, [])]  # G(z, c) once per loss, no noise level passed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the 2-D toy: its exact denoiser made trainable (task.generator=denoiser)
+
+
+def _toy_task(*overrides):
+    from fdistill.pipelines import build_task
+
+    cfg = load_config(CONFIGS / "toy2d.yaml", ["out=unused", "task.generator=denoiser", *overrides])
+    torch.manual_seed(cfg.seed)
+    return cfg, build_task(cfg, "cpu")
+
+
+def test_toy_denoiser_generator_starts_as_the_teacher():
+    cfg, task = _toy_task()
+    gen, den, teacher = task.generator, task.generator.denoiser, task.teacher
+    assert gen.generator_sigma == cfg.task["sigma_max"] == 8.0 and gen.latent_shape == (2,)
+    assert den.prior_scale(8.0) == 8.0  # variance exploding: x_t = x + sigma eps
+    trainable = [p for p in gen.parameters() if p.requires_grad]
+    assert trainable and all(p.requires_grad for p in den.residual.parameters())
+    rng = torch.Generator().manual_seed(0)
+    x_t = 6 * torch.randn(64, 2, generator=rng)
+    sigma = torch.exp(torch.empty(64).uniform_(math.log(0.05), math.log(8.0), generator=rng))
+    with torch.no_grad():
+        for s in (8.0, 1.0, 0.05, sigma):  # the residual is zero: the teacher's x0, the same computation
+            torch.testing.assert_close(den(x_t, s), teacher(x_t, s), rtol=0, atol=0)
+        z = torch.randn(64, 2, generator=rng)
+        torch.testing.assert_close(gen(z), teacher(8.0 * z, 8.0), rtol=0, atol=0)  # one step: D(8 z, 8)
+        # the residual is live: moving its last layer moves the output, scaled by EDM's c_out
+        den.residual.out[1].bias.fill_(1.0)
+        diff = den(x_t, 8.0) - teacher(x_t, 8.0)
+    torch.testing.assert_close(diff, torch.full_like(diff, 8.0 * 4.0 / math.sqrt(8.0 ** 2 + 4.0 ** 2)))
+
+
+def test_toy_two_step_sampling_calls_the_denoiser_twice():
+    cfg, task = _toy_task("student.steps=2")
+    fs = student.attach(cfg.student, task)
+    gen, den = task.generator, task.generator.denoiser
+    assert fs is not None and fs.steps == 2 and gen.stage_sigmas[0] == 8.0 and 0.05 < gen.stage_sigmas[1] < 8.0
+    seen = []
+    den.residual.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    den.reset_calls()
+    z = gen.sample_latents(5, torch.Generator().manual_seed(1))
+    noise = [torch.randn(5, 2, generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        x = gen(z, noise=noise)
+        assert den.calls["x0"] == 2 and seen == [5, 5] and x.shape == (5, 2)
+        # the sampler written out: D at sigma_0 on sigma_0 z, re-noised to sigma_1 with the given noise, D again
+        ref = task.teacher(task.teacher(8.0 * z, 8.0) + gen.stage_sigmas[1] * noise[0], gen.stage_sigmas[1])
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_toy_denoiser_generator_distills_end_to_end(tmp_path, k):
+    """`fdistill distill configs/toy2d.yaml task.generator=denoiser student.steps=k` for a few steps."""
+    out = tmp_path / f"toy_{k}step"
+    rc = cli(["distill", str(CONFIGS / "toy2d.yaml"), f"out={out}", "task.generator=denoiser",
+              f"student.steps={k}", "steps=3", "batch_size=16", "task.eval_samples=500", "task.kde_samples=256",
+              "log.progress=false"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["gen_steps"] == 3 and m["nfe_student"] == k and m["eval_samples"] == 500
+    assert 0.0 <= m["off_mode_fraction"] <= 1.0 and 0.0 <= m["mode_coverage"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(v) for v in rows[-1].values() if isinstance(v, float))
 
 
 # ----------------------------------------------------------------------------------------------------------------

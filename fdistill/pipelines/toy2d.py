@@ -4,8 +4,10 @@ Teacher: p = sum_k w_k N(mu_k, s^2 I), 8 modes on a ring, unequal weights (light
 Noised: p_sigma = sum_k w_k N(mu_k, (s^2 + sigma^2) I), and the exact denoiser is
     E[x0 | x_t] = sum_k gamma_k(x_t) (sigma^2 mu_k + s^2 x_t) / (s^2 + sigma^2),   gamma_k = posterior of mode k.
 Generator: an MLP from an 8-D Gaussian latent ending in a softmax over learned anchor points (``generator=mlp``:
-a plain MLP); fake score: an EDM-preconditioned MLP; discriminator: an MLP head on the
-teacher's "features" (its scaled input and noise level: an analytic teacher has no hidden layers).
+a plain MLP; ``generator=denoiser``: the teacher's exact denoiser plus a trainable residual, evaluated at sigma_max
+from a 2-D latent as the image pipelines' generators are, the one that can be a few-step student); fake score: an
+EDM-preconditioned MLP; discriminator: an MLP head on the teacher's "features" (its scaled input and noise level:
+an analytic teacher has no hidden layers).
 Oracle ratio (``ratio=oracle``): log p_sigma(x_t) (exact) minus log of a Gaussian kernel density estimate of the
 generator's noisy distribution.
 """
@@ -19,9 +21,9 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from ..denoisers import Denoiser, EDMPrecondMLP, MLPBackbone, as_sigma
+from ..denoisers import Denoiser, EDMPrecondMLP, MLPBackbone, as_sigma, edm_precond
 from ..discriminator import MLPHead, Discriminator
-from ..generator import MLPGenerator
+from ..generator import MLPGenerator, OneStepGenerator, num_steps
 from ..noise import NoiseSchedule
 from ..objective import calibration
 from ..task import Task, check_task_keys
@@ -35,7 +37,10 @@ DEFAULTS = {
     "sigma_max": 8.0,
     "latent_dim": 8,
     "generator": "anchors",  # 'anchors': MLP -> softmax over learned anchor points (tears with moderate weights);
-                             # 'mlp': a plain MLP (spectral bias: bridges between modes for thousands of steps)
+                             # 'mlp': a plain MLP (spectral bias: bridges between modes for thousands of steps);
+                             # 'denoiser': the teacher's denoiser made trainable (ResidualDenoiser), at sigma_max
+                             # from a 2-D latent (latent_dim unused); the only one that takes a noise level, so
+                             # the only one for student.steps > 1
     "anchors": 128,          # number of learned anchor points of the 'anchors' generator
     "anchor_init": 4.0,      # std of the anchors' initial positions (the data's scale: ring radius 4)
     "spread_max": 0.5,       # soft bound on the linear spread's total std ||A||_F (a mode's: 0.25 sqrt 2 = 0.35);
@@ -113,6 +118,27 @@ class GMMDenoiser(Denoiser):
             return self.denoise(x_t, sigma)
         feats = self.features(x_t, sigma)
         return feats if mode == "features" else (self.denoise(x_t, sigma), feats)
+
+
+class ResidualDenoiser(GMMDenoiser):
+    """The teacher's exact denoiser made trainable: D(x_t, sigma) = D_gmm(x_t, sigma) + c_out F(c_in x_t, c_noise),
+    with EDM's c_out, c_in, c_noise (sigma_data = the ring radius) and F an MLP whose last layer starts at zero.
+
+    At initialisation D is the teacher, bit for bit: the toy's analogue of the image pipelines' generator, a copy
+    of the teacher's weights (arXiv 2502.15681, s.4). Wrapped in a ``OneStepGenerator`` at sigma_max it takes a
+    noise level, so it can also be a few-step student (``fdistill.student``)."""
+
+    def __init__(self, gmm: GMM, sigma_data: float, hidden: int = 256, depth: int = 3):
+        super().__init__(gmm, feature_scale=sigma_data)
+        self.sigma_data = float(sigma_data)
+        self.residual = MLPBackbone(2, hidden, depth)
+        nn.init.zeros_(self.residual.out[1].weight)  # F = 0: the generator starts as the teacher
+        nn.init.zeros_(self.residual.out[1].bias)
+
+    def denoise(self, x_t, sigma, cond=None):
+        x = x_t.float()
+        _, c_out, c_in, c_noise = edm_precond(as_sigma(sigma, x), self.sigma_data)
+        return super().denoise(x, sigma) + c_out * self.residual(c_in * x, c_noise)
 
 
 class MixtureLatentGenerator(MLPGenerator):
@@ -201,16 +227,22 @@ def build(cfg, device) -> Task:
     sd = float(t["radius"])  # data scale for the preconditioning
     teacher = GMMDenoiser(gmm, feature_scale=sd)
     K = t["latent_components"]
+    steps = int(getattr(getattr(cfg, "student", None), "steps", 1))
+    if steps > 1 and t["generator"] != "denoiser":  # before anything is built or written
+        raise ValueError(f"student.steps={steps} needs a generator that takes a noise level: set "
+                         f"task.generator=denoiser (task.generator={t['generator']} maps a latent in one step only)")
+    if K and t["generator"] != "mlp":
+        raise ValueError("task.latent_components needs task.generator=mlp")
     if t["generator"] == "anchors":
-        if K:
-            raise ValueError("task.latent_components needs task.generator=mlp")
         generator = AnchorGenerator(t["latent_dim"], 2, t["hidden"], t["anchors"], t["anchor_init"],
                                     t["spread_max"])
+    elif t["generator"] == "denoiser":  # x = D(sigma_max z, sigma_max), D starting as the teacher
+        generator = OneStepGenerator(ResidualDenoiser(gmm, sd, t["hidden"]), t["sigma_max"], latent_shape=(2,))
     elif t["generator"] == "mlp":
         generator = (MixtureLatentGenerator(t["latent_dim"], K, 2, t["hidden"]) if K > 0
                      else MLPGenerator(t["latent_dim"], 2, t["hidden"], depth=4))
     else:
-        raise ValueError(f"task.generator must be 'anchors' or 'mlp', got {t['generator']!r}")
+        raise ValueError(f"task.generator must be 'anchors', 'mlp' or 'denoiser', got {t['generator']!r}")
     fake = EDMPrecondMLP(MLPBackbone(2, t["fake_hidden"], depth=t["fake_depth"]), sigma_data=sd)
     disc = Discriminator([MLPHead(3, t["disc_hidden"])])
     schedule = NoiseSchedule.continuous(t["sigma_min"], t["sigma_max"])
@@ -248,6 +280,7 @@ def build(cfg, device) -> Task:
                     run_dir / name, lim=t["radius"] + 2)
         if final:
             m["eval_samples"] = n
+            m["nfe_student"] = num_steps(gen)  # network evaluations per sample: student.steps
             m["true_mass"] = [round(float(w), 4) for w in gmm.weights]
             m.update(_calibration_report(gen, teacher, disc, oracle_log_ratio, schedule, t, device))
         return m
