@@ -174,18 +174,37 @@ class AnchorGenerator(MLPGenerator):
                  anchor_init: float = 3.0, spread_max: float = 0.0):
         super().__init__(latent_dim, anchors, hidden, depth=3)  # self.net: z -> anchor logits
         self.anchors = nn.Parameter(anchor_init * torch.randn(anchors, out_dim))
-        self.spread = nn.Linear(latent_dim, out_dim)
-        self.spread_max = float(spread_max)
+        self.spread = BoundedSpread(latent_dim, out_dim, spread_max)
         nn.init.zeros_(self.spread.bias)
         with torch.no_grad():
             self.spread.weight.mul_(0.1)  # start nearly at the anchors; the spread is learned
 
+    @property
+    def spread_max(self) -> float:
+        return self.spread.spread_max
+
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        A = self.spread.weight
-        if self.spread_max > 0:  # the soft bound on ||A||_F (class docstring)
+        return torch.softmax(self.net(z), dim=1) @ self.anchors + self.spread(z) + self.spread.bias
+
+
+class BoundedSpread(nn.Module):
+    """The anchor generator's linear spread z -> A z with ||A||_F bounded softly at ``spread_max`` (0: unbounded).
+    The bound is applied inside this module's forward, where a sharding wrapper (FSDP2) has gathered A; its
+    parameters are named and initialised as an ``nn.Linear``'s (``weight``, ``bias``; the bias is added by the
+    caller)."""
+
+    def __init__(self, in_features: int, out_features: int, spread_max: float = 0.0):
+        super().__init__()
+        lin = nn.Linear(in_features, out_features)  # nn.Linear's initialisation, the same random draws
+        self.weight, self.bias = nn.Parameter(lin.weight.detach().clone()), nn.Parameter(lin.bias.detach().clone())
+        self.spread_max = float(spread_max)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        A = self.weight
+        if self.spread_max > 0:  # the soft bound on ||A||_F (AnchorGenerator's docstring)
             norm = A.norm().clamp(min=1e-12)
             A = A * (self.spread_max * torch.tanh(norm / self.spread_max) / norm)
-        return torch.softmax(self.net(z), dim=1) @ self.anchors + z @ A.T + self.spread.bias
+        return z @ A.T
 
 
 def mode_metrics(x: torch.Tensor, gmm: GMM) -> dict:
