@@ -4,7 +4,7 @@
     python benchmarks/sampling.py --config mnist                       # teacher: 18 Heun steps = 35 NFE
     python benchmarks/sampling.py --config imagenet64 --batch 256      # GPU; teacher: 40 steps = 79 NFE (EDM's)
 
-The networks are those of benchmarks/step.py (same builders, random weights unless the config ships a teacher):
+The networks are those of benchmarks/step.py (benchmarks/tasks.py's builders, random weights unless the config ships a teacher):
 the student is the OneStepGenerator (one network evaluation), the teacher runs ``fdistill.sampler.edm_sample``
 (Heun, 2 * steps - 1 evaluations, counted with ``Denoiser.calls``). Both run under no_grad with the same batch,
 latents and conditions, bf16 autocast on a GPU; blocks alternate student / teacher, medians over repeats after a
@@ -30,7 +30,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import step as stepbench  # benchmarks/step.py: builders, memory probe, environment
+import measure  # noqa: E402  (benchmarks/measure.py: memory probe, environment)
+import tasks  # noqa: E402  (benchmarks/tasks.py: the benchmarks' task builders)
 
 T0 = time.perf_counter()  # --deadline-s counts from here
 TEACHER_STEPS = {"tiny": 18, "mnist": 18, "imagenet64": 40, "sd15": 25}
@@ -39,7 +40,7 @@ DEFAULT_BATCH = {"tiny": 8, "mnist": 100, "imagenet64": 64, "sd15": 16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=stepbench.CONFIGS, default="tiny")
+    p.add_argument("--config", choices=tasks.CONFIGS, default="tiny")
     p.add_argument("--tiny", action="store_true", help="imagenet64/sd15 at toy widths (code paths on a CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -76,10 +77,10 @@ def main(argv=None) -> dict:
     res = {"benchmark": "sampling", "config": a.config + ("-tiny" if a.tiny and a.config in ("imagenet64", "sd15")
                                                           else ""),
            "command": " ".join(["sampling.py", *(sys.argv[1:] if argv is None else argv)]),
-           "load_start": stepbench.load_note(), **stepbench.env_info(device)}
+           "load_start": measure.load_note(), **measure.env_info(device)}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        task, _cfg = stepbench.build_task(a.config, a.tiny, device, Path(tmp), a.overrides)
+        task, _cfg = tasks.build_task(a.config, a.tiny, device, Path(tmp), a.overrides)
     res["build_s"] = round(time.perf_counter() - t0, 2)
     gen, teacher = task.generator.eval(), task.teacher
     del task.fake_score, task.discriminator  # not needed here
@@ -104,11 +105,11 @@ def main(argv=None) -> dict:
             edm_sample(teacher, z, cond, steps, sigma_min=sched.sigma_min, sigma_max=sched.sigma_max)
 
     def timed(fn, n_images):
-        with stepbench.PeakMemory(device) as pm:
-            stepbench.sync(device)
+        with measure.PeakMemory(device) as pm:
+            measure.sync(device)
             t = time.perf_counter()
             fn()
-            stepbench.sync(device)
+            measure.sync(device)
             dt = time.perf_counter() - t
         return dt / n_images, pm.peak_bytes
 
@@ -146,11 +147,11 @@ def main(argv=None) -> dict:
                          "teacher_steps": steps,
                          "student_iters_per_block": student_iters, "warmup": a.warmup, "repeats": a.repeats,
                          "repeats_done": len(per_img["student"]),
-                         "teacher_dtype": str(next(stepbench.backbone(teacher).parameters()).dtype).replace(
+                         "teacher_dtype": str(next(tasks.backbone(teacher).parameters()).dtype).replace(
                              "torch.", "")},
                student=out["student"], teacher=out["teacher"],
                speedup=out["student"]["images_per_s"] / out["teacher"]["images_per_s"], nfe_ratio=nfe,
-               load_end=stepbench.load_note())
+               load_end=measure.load_note())
     st, te = out["student"], out["teacher"]
     res["summary"] = (f"[sampling] {res['config']} B={B} {device.type} ({res['device_name']}): student "
                       f"{st['images_per_s']:.1f} img/s (1 NFE), teacher {te['images_per_s']:.2f} img/s ({nfe} NFE): "

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import build_task  # noqa: E402  (the benchmarks' shared task builder)
+from tasks import build_task  # noqa: E402  (the benchmarks' shared task builder)
 
 from fdistill.divergences import get_divergence  # noqa: E402
-from fdistill.objective import FDistill  # noqa: E402
+from fdistill.objective import FDivergenceObjective  # noqa: E402
 from fdistill.ratio import RatioNormalizer  # noqa: E402
 
 
@@ -58,8 +58,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         task, cfg = build_task(a.config, a.tiny, torch.device("cpu"), Path(tmp), over)
     ratio = RatioNormalizer(cfg.ratio_norm, task.schedule.ratio_bin_range(cfg.ratio_norm.bin_spacing))
-    obj = FDistill(task.generator, task.teacher, task.fake_score, task.discriminator, get_divergence("js"), ratio,
-                   task.schedule, cfg.objective)
+    obj = FDivergenceObjective(task.generator, task.teacher, task.fake_score, task.discriminator,
+                               get_divergence("js"), ratio, task.schedule, cfg.objective)
     B = cfg.batch_size
     rng = torch.Generator().manual_seed(0)
     z = task.generator.sample_latents(B, rng)

@@ -75,7 +75,14 @@ def load_module(module: torch.nn.Module, path: Path):
     except Exception as e:  # corrupt file
         raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt; remove this checkpoint folder to "
                               "resume from the previous one") from None
-    missing, unexpected = module.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensors of other shapes: networks built with other settings
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        run = path.parent.parent
+        raise CheckpointError(f"{path} does not fit the network this config builds ({first}). The run was made "
+                              "with other settings, or by an older fdistill whose defaults differed: resume it "
+                              f"with its own config (fdistill distill {run / 'config.yaml'} out={run})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not match the model: missing {list(missing)[:5]}, unexpected "
                               f"{list(unexpected)[:5]}. Was the run started with a different config?")

@@ -342,6 +342,13 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(s.critic_warmup >= 0, "schedule.critic_warmup", s.critic_warmup, ">= 0")
     _need(s.ema_every in ("generator", "iteration"), "schedule.ema_every", s.ema_every, "generator or iteration")
     _need(cfg.gen_cond in ("random", "real"), "gen_cond", cfg.gen_cond, "random or real")
+    ob = cfg.objective  # also refused by the objective itself, but only once the run directory is written
+    _need(ob.disc_features in ("teacher", "fake"), "objective.disc_features", ob.disc_features, "teacher or fake")
+    _need(ob.denoise_loss in ("edm", "eps", "x0"), "objective.denoise_loss", ob.denoise_loss, "edm, eps or x0")
+    _need(ob.disc_fake_noise in ("independent", "denoise"), "objective.disc_fake_noise", ob.disc_fake_noise,
+          "independent or denoise")
+    _need(cfg.ratio_norm.bin_spacing in ("log_sigma", "linear"), "ratio_norm.bin_spacing",
+          cfg.ratio_norm.bin_spacing, "log_sigma or linear")
     n = cfg.noise
     _need(n.grid in ("edm", "continuous", "vp", "flow"), "noise.grid", n.grid, "edm, continuous, vp or flow (flow-matching teachers)")
     _need(n.num_levels >= 2, "noise.num_levels", n.num_levels, ">= 2")

@@ -14,7 +14,7 @@ x0 = x_t - t v. Any point of any flow-matching schedule is a point of this one: 
 (``shift`` for SD3, resolution-dependent ``use_dynamic_shifting`` for FLUX.1) only changes *which* t are drawn, i.e.
 the noise grid (``flow_grid``), never the adapter. t = 1 (sigma = inf, pure noise) has no finite EDM point; there
 the input is the limit x_EDM / (1 + sigma) = x_t = eps itself (``prior_scale(inf) = 1``), so the one-step
-generator ``OneStepGenerator(denoiser, sigma=inf)`` evaluates the teacher's path at its top, z ~ N(0, I).
+generator ``OneStepGenerator(denoiser, generator_sigma=inf)`` evaluates the teacher's path at its top, z ~ N(0, I).
 
 Models (detected from the backbone's class):
  - ``SD3Transformer2DModel`` (SD3, SD3.5): timestep input t * num_train_timesteps; cond

@@ -21,21 +21,27 @@ from .student import sample as few_step_sample
 
 
 class OneStepGenerator(nn.Module):
-    """x = D(prior_scale(sigma_max) * z, sigma_max, cond), D initialised from the teacher; a k-step student
-    after ``set_stages`` (module docstring)."""
+    """x = D(prior_scale(sigma_g) * z, sigma_g, cond) at the generator's noise level sigma_g (``generator_sigma``:
+    the config's noise.generator_sigma, by default the grid's largest sigma), D initialised from the teacher; a
+    k-step student after ``set_stages`` (module docstring)."""
 
-    def __init__(self, denoiser: Denoiser, sigma: float, latent_shape: Sequence[int]):
+    def __init__(self, denoiser: Denoiser, generator_sigma: float, latent_shape: Sequence[int]):
         super().__init__()
         self.denoiser = denoiser
-        self.sigma = float(sigma)
+        self.generator_sigma = float(generator_sigma)
         self.latent_shape = tuple(latent_shape)
-        self.stage_sigmas: tuple[float, ...] = (self.sigma,)
+        self.stage_sigmas: tuple[float, ...] = (self.generator_sigma,)
+
+    @property
+    def sigma(self) -> float:
+        """Deprecated name of ``generator_sigma``."""
+        return self.generator_sigma
 
     def set_stages(self, sigmas: Sequence[float]) -> None:
         """The k noise levels of a few-step student; sigmas[0] must be the generator's level."""
         sigmas = tuple(float(s) for s in sigmas)
-        if not sigmas or sigmas[0] != self.sigma:
-            raise ValueError(f"the first stage level must be the generator's ({self.sigma:g}), got {sigmas}")
+        if not sigmas or sigmas[0] != self.generator_sigma:
+            raise ValueError(f"the first stage level must be the generator's ({self.generator_sigma:g}), got {sigmas}")
         self.stage_sigmas = sigmas
 
     def forward(self, z: torch.Tensor, cond=None, sigma=None, noise=None) -> torch.Tensor:
@@ -45,9 +51,9 @@ class OneStepGenerator(nn.Module):
         if sigma is not None:
             return self.denoiser(z, sigma, cond)
         if len(self.stage_sigmas) == 1:
-            return self.denoiser(z * self.denoiser.prior_scale(self.sigma), self.sigma, cond)
+            return self.denoiser(z * self.denoiser.prior_scale(self.generator_sigma), self.generator_sigma, cond)
         return few_step_sample(lambda x_t, s: self.denoiser(x_t, s, cond),
-                               z * self.denoiser.prior_scale(self.sigma), self.stage_sigmas, noise)
+                               z * self.denoiser.prior_scale(self.generator_sigma), self.stage_sigmas, noise)
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)

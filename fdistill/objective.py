@@ -1,4 +1,4 @@
-"""FDistill: the generator loss and the critic loss of f-distill (Xu, Nie, Vahdat 2025, arXiv 2502.15681, s.3-4).
+"""FDivergenceObjective: the generator loss and the critic loss of f-distill (Xu, Nie, Vahdat 2025, arXiv 2502.15681, s.3-4).
 
 Generator iteration (one generator forward+backward, one teacher forward, one fake-score forward):
 
@@ -104,8 +104,8 @@ def weighted_score_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.T
     return 0.5 * F.mse_loss(x.float(), target), g
 
 
-class FDistill(nn.Module):
-    """The objective. Networks are passed in (possibly wrapped by accelerate/DDP); it owns none of them
+class FDivergenceObjective(nn.Module):
+    """The objective (f-distill's losses, arXiv 2502.15681 Sec. 3-4). Networks are passed in (possibly wrapped by accelerate/DDP); it owns none of them
     except the ratio normaliser, whose per-bin means are training state."""
 
     def __init__(self, generator: nn.Module, teacher: nn.Module, fake_score: nn.Module, discriminator: nn.Module,
@@ -254,6 +254,11 @@ class FDistill(nn.Module):
             logs["r1"] = r1.detach()
         logs["loss_critic"] = loss.detach()
         return loss, logs
+
+
+FDistill = FDivergenceObjective
+"""Deprecated name of ``FDivergenceObjective`` (the package is f-distill; the class is its objective), kept so that
+older code importing it still runs."""
 
 
 def binned_stats(name: str, values: torch.Tensor, idx: torch.Tensor, num_bins: int) -> dict:

@@ -204,7 +204,7 @@ def attach(cfg: StudentConfig, task) -> FewStep | None:
         raise ValueError(f"student.steps={k} needs a generator that takes a noise level (an image teacher's "
                          f"copy); this task's {type(gen).__name__} maps a latent in one step only: set "
                          "student.steps=1")
-    sigmas = stage_sigmas(cfg, task.schedule, gen.sigma)
+    sigmas = stage_sigmas(cfg, task.schedule, gen.generator_sigma)
     gen.set_stages(sigmas)
     task.info["student_sigmas"] = sigmas
     return FewStep(sigmas, gen.denoiser.prior_scale(sigmas[0])) if len(sigmas) > 1 else None

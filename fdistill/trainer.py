@@ -6,7 +6,8 @@
 
 Each iteration updates the critic (fake score + discriminator head) and, every ``critic_per_gen``-th, the
 generator (DMD2's scheme), or alternates k-1 critic iterations with one generator iteration (FastGen's);
-each update may accumulate ``optim.grad_accum`` micro-batches.
+each update may accumulate ``optim.grad_accum`` micro-batches. The updates themselves are
+``fdistill.iteration.TrainingIteration``'s; this loop decides when each runs, logs, evaluates and checkpoints.
 The run directory holds config.yaml, metrics.jsonl, sample grids, checkpoints and, at the end, metrics.json;
 rerunning the same command resumes from the newest checkpoint exactly. Under FSDP gradient norms are global,
 EMAs are full copies, and checkpoints hold full tensors gathered on the main process: the same files a single
@@ -32,9 +33,10 @@ from . import checkpoint as ckpt
 from . import student, tracking
 from .config import ConfigError, DistillConfig, dump_yaml, to_dict
 from .divergences import get_divergence
-from .errors import RunInterrupted, TrainingDiverged
+from .errors import RunInterrupted
 from .generator import unwrap
-from .objective import PER_BIN_DEN, PER_BIN_NUM, FDistill
+from .iteration import NonFiniteGuard, Optimizers, TrainingIteration, make_optimizers
+from .objective import PER_BIN_DEN, PER_BIN_NUM, FDivergenceObjective
 from .parallel import OptimPart, Parallel
 from .ratio import RatioNormalizer
 from .task import Task
@@ -44,22 +46,10 @@ _RESUMABLE_CHANGES = {"steps", "log", "out"}
 
 
 def _mixed_precision(cfg: DistillConfig) -> str:
-    mp = cfg.mixed_precision
-    if mp == "fp16":
-        raise ValueError("mixed_precision=fp16 diverges for this objective (paper); use bf16 or no")
-    if mp == "auto":
+    """accelerate's setting for ``cfg.mixed_precision`` (validated by the config: auto, no or bf16)."""
+    if cfg.mixed_precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
-    if mp not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be auto, no or bf16, got {mp!r}")
-    return mp
-
-
-def _check_recipe_keys(cfg: DistillConfig) -> None:
-    """The recipe rows' values the trainer reads itself (the others are checked where they are used)."""
-    if cfg.schedule.ema_every not in ("generator", "iteration"):
-        raise ValueError(f"schedule.ema_every must be 'generator' or 'iteration', got {cfg.schedule.ema_every!r}")
-    if cfg.gen_cond not in ("random", "real"):
-        raise ValueError(f"gen_cond must be 'random' or 'real', got {cfg.gen_cond!r}")
+    return cfg.mixed_precision
 
 
 def _with_defaults(saved: dict, defaults: dict) -> dict:
@@ -74,20 +64,25 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
     return out
 
 
-def _check_resume_config(run_dir: Path, cfg: DistillConfig):
+def _check_resume_config(run_dir: Path, cfg: DistillConfig, legacy_task_keys: dict | None = None):
     """Refuse to resume a run with a different config, or with ``steps`` below the step it has reached. A run
-    directory without a checkpoint holds no run to protect (e.g. a start that failed): its config is replaced."""
+    directory without a checkpoint holds no run to protect (e.g. a start that failed): its config is replaced.
+    ``legacy_task_keys``: task keys the saved config lacks because it predates them, at the values its run used
+    (``fdistill.pipelines.LEGACY_TASK_DEFAULTS``)."""
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ConfigError(f"out={run_dir} is a file, not a run directory; choose another out=DIR")
     saved = run_dir / "config.json"
     if not saved.is_file() or ckpt.latest_checkpoint(run_dir) is None:
         return
     old = _with_defaults(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(DistillConfig()))))
+    if legacy_task_keys:
+        old["task"] = {**(old.get("task") or {}), **json.loads(json.dumps(legacy_task_keys))}
     new = json.loads(json.dumps(to_dict(cfg)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
     if diff:
-        raise ConfigError(f"{run_dir} holds a run with a different config (keys {diff}); resume it with the same "
-                          "settings, or choose another out=DIR")
+        raise ConfigError(f"{run_dir} holds a run with a different config (keys {diff}); resume it with its own "
+                          f"settings (fdistill distill {run_dir / 'config.yaml'} out={run_dir}), or choose another "
+                          "out=DIR")
     try:
         reached = json.loads((ckpt.latest_checkpoint(run_dir) / "meta.json").read_text())["gen_step"]
     except (OSError, ValueError, KeyError):
@@ -95,60 +90,6 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig):
     if cfg.steps < reached:
         raise ConfigError(f"steps={cfg.steps} is below the step {run_dir} has reached ({reached}); a run cannot "
                           f"go back: set steps >= {reached}, or choose another out=DIR")
-
-
-class NonFiniteGuard:
-    """Decides whether an update may step: its gradient norm (global over processes, hence the same decision
-    everywhere) must be finite, which a non-finite loss also breaks. A skipped update is counted in
-    ``state['skipped_updates']``; ``streak`` skips in a row raise TrainingDiverged naming the step. One
-    host-device sync per update (as a gradient scaler's)."""
-
-    def __init__(self, cfg: DistillConfig, state: dict):
-        self.cfg, self.state, self.runs = cfg, state, {}
-
-    def ok(self, what: str, *norms: torch.Tensor) -> bool:
-        """``what``: which update ('a critic update', 'a generator update'); streaks are counted per kind, as
-        a diverged critic can sit beside a generator whose gradients vanish."""
-        if bool(torch.isfinite(torch.stack([n.detach().float().reshape(()) for n in norms])).all()):
-            self.runs[what] = 0
-            return True
-        self.state["skipped_updates"] = self.state.get("skipped_updates", 0) + 1
-        self.runs[what] = self.run = self.runs.get(what, 0) + 1
-        if self.run >= self.cfg.optim.nonfinite_streak:
-            o = self.cfg.optim
-            raise TrainingDiverged(
-                f"training diverged at generator step {self.state['gen_step']} (iteration {self.state['iteration']}):"
-                f" {self.run} updates in a row ({what} the last) had a non-finite loss or gradient and were skipped."
-                f" Likely cause: learning rates too high (optim.lr_gen={o.lr_gen:g}, optim.lr_critic="
-                f"{o.lr_critic if o.lr_critic is not None else o.lr_gen:g}) or no gradient clipping (optim.grad_clip="
-                f"{o.grad_clip:g}). The checkpoints on disk are finite; lower them and start a new run (out=...)")
-        return False
-
-
-def accumulate_gradients(accelerator, nets, n_micro: int, micro_loss) -> None:
-    """Backpropagate ``micro_loss()`` (draws a micro-batch, returns its loss) ``n_micro`` times, each loss
-    scaled by 1/n_micro, so the gradients are those of the mean over all micro-batches. The networks
-    that get gradients (``nets``, prepared) synchronise across processes only in the last backward: DDP's
-    and FSDP1's no_sync, FSDP2's set_requires_gradient_sync, through ``accelerator.no_sync``. (Not
-    ``accelerator.accumulate``: it counts one global step, and here the critic's and the generator's
-    optimizers step on their own cadences.)"""
-    for i in range(n_micro):
-        with contextlib.ExitStack() as stack:
-            if i < n_micro - 1:
-                for net in nets:
-                    stack.enter_context(accelerator.no_sync(net))
-            loss = micro_loss()
-            accelerator.backward(loss / n_micro if n_micro > 1 else loss)
-
-
-def update_emas(par: Parallel, emas: dict, generator) -> None:
-    """One step of every EMA from the prepared ``generator``. The EMAs are full copies on every process (also
-    under FSDP: ``Parallel.ema_source``)."""
-    if not emas:
-        return
-    src = par.ema_source(generator, next(iter(emas.values())).module)
-    for ema in emas.values():
-        ema.update_parameters(src)
 
 
 class Evaluator:
@@ -245,14 +186,14 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
     from accelerate import Accelerator  # heavy (accelerate's whole stack): only once a run starts
     from accelerate.utils import DistributedDataParallelKwargs
 
+    cfg.validate()  # load_config has run it; a config built in code has not. Before anything is written
     run_dir = Path(cfg.out)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.objective.disc_features == "fake")
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[ddp_kwargs], **tracking.accelerator_kwargs(cfg.log.trackers, run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
-    _check_resume_config(run_dir, cfg)  # read-only: a mismatched run directory is refused before anything runs
-    _check_recipe_keys(cfg)
+    _check_resume_config(run_dir, cfg, task.info.get("legacy_task_keys"))  # read-only: a mismatched run directory is refused before anything runs
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -281,20 +222,8 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
             for m in net.modules():
                 if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "config"):
                     m.enable_gradient_checkpointing()
-    o = cfg.optim
-    if o.grad_accum < 1:
-        raise ValueError(f"optim.grad_accum must be >= 1, got {o.grad_accum}")
-    A = o.grad_accum
-    lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
-    kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay)
-    if o.fused and torch.cuda.is_available():
-        kw["fused"] = True
-    # One AdamW per network (the fake score's and the discriminator's together are the critic's): accelerate's
-    # FSDP2 prepares one model with its optimizer at a time. AdamW acts per parameter, so this is the same
-    # update as one optimizer over both, and checkpoints store the two as one 'critic' optimizer.
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=o.lr_gen, **kw)
-    opt_f = torch.optim.AdamW(fake_score.parameters(), lr=lr_c, **kw)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=o.lr_disc if o.lr_disc is not None else lr_c, **kw)
+    fused = {"fused": True} if cfg.optim.fused and torch.cuda.is_available() else {}
+    opts = make_optimizers(cfg.optim, generator, fake_score, disc, **fused)
     # EMAs are full copies on every process (also under FSDP): one generator's worth of memory per decay.
     emas = {f"ema_{d:g}": AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
             for d in cfg.ema}
@@ -317,16 +246,16 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
              for key, net in (("gen", generator), ("fake", fake_score), ("disc", disc))}
     if cfg.compile:
         generator, fake_score = torch.compile(generator), torch.compile(fake_score)
-    generator, opt_g = par.prepare(generator, opt_g)
-    fake_score, opt_f = par.prepare(fake_score, opt_f)
-    disc, opt_d = par.prepare(disc, opt_d)
+    generator, opt_g = par.prepare(generator, opts.generator)
+    fake_score, opt_f = par.prepare(fake_score, opts.fake_score)
+    disc, opt_d = par.prepare(disc, opts.discriminator)
     nets = {"generator": generator, "fake_score": fake_score, "discriminator": disc}
     optim_parts = {"gen": [OptimPart(generator, opt_g, names["gen"])],  # checkpoint name -> its optimizers
                    "critic": [OptimPart(fake_score, opt_f, names["fake"]), OptimPart(disc, opt_d, names["disc"])]}
 
-    objective = FDistill(generator, teacher, fake_score, disc, divergence, ratio, task.schedule, cfg.objective,
-                         oracle_log_ratio=task.oracle_log_ratio, use_oracle_weights=cfg.ratio == "oracle",
-                         student=few_step)
+    objective = FDivergenceObjective(generator, teacher, fake_score, disc, divergence, ratio, task.schedule,
+                                     cfg.objective, oracle_log_ratio=task.oracle_log_ratio,
+                                     use_oracle_weights=cfg.ratio == "oracle", student=few_step)
     rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
     if last is not None:
         par.load_optimizer_states(optim_parts, last)
@@ -335,65 +264,15 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
         if is_main:
             ckpt.truncate_metrics(run_dir / "metrics.jsonl", state["gen_step"])
 
-    B, k = cfg.batch_size, max(1, cfg.schedule.critic_per_gen)
-    if cfg.schedule.scheme not in ("dmd2", "fastgen"):
-        raise ValueError(f"schedule.scheme must be dmd2 or fastgen, got {cfg.schedule.scheme!r}")
+    B, A, k = cfg.batch_size, cfg.optim.grad_accum, max(1, cfg.schedule.critic_per_gen)
     per_iteration_ema = cfg.schedule.ema_every == "iteration"
-    log_buf: dict[str, list[torch.Tensor]] = {}
     metrics_path = run_dir / "metrics.jsonl"
     trackers = cfg.log.trackers
     tracking.start(accelerator, trackers, run_dir, to_dict(cfg), state["gen_step"])
-    guard = NonFiniteGuard(cfg, state)
+    iteration = TrainingIteration(cfg, task, objective, par, nets, Optimizers(opt_g, opt_f, opt_d), emas, rng,
+                                  NonFiniteGuard(cfg, state))
+    log_buf = iteration.logs  # detached scalars on the device until a logging interval
     chance_rows = 0  # consecutive logged rows with the discriminator at chance
-
-    def record(logs):
-        for key, v in logs.items():
-            log_buf.setdefault(key, []).append(v.detach().float().reshape(()))
-
-    def critic_micro():
-        z = unwrap(generator).sample_latents(B, rng, device)
-        if cfg.gen_cond == "real":  # FastGen: the generated batch takes the real batch's labels / captions
-            x_real, cond_real = task.sample_real(B, rng, device)
-            cond = cond_real
-        else:
-            cond = task.sample_cond(B, rng, device)
-            x_real, cond_real = task.sample_real(B, rng, device)
-        with accelerator.autocast():
-            loss, logs = objective.critic_loss(z, cond, x_real, cond_real, rng)
-        record(logs)
-        return loss
-
-    def generator_micro():
-        z = unwrap(generator).sample_latents(B, rng, device)
-        cond = task.sample_real(B, rng, device)[1] if cfg.gen_cond == "real" else task.sample_cond(B, rng, device)
-        with accelerator.autocast():
-            loss, logs = objective.generator_loss(z, cond, rng)
-        record(logs)
-        return loss
-
-    def critic_update():
-        opt_f.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
-        accumulate_gradients(accelerator, nets.values(), A, critic_micro)
-        clip_c = o.grad_clip if o.clip_critic else 0.0  # FastGen clips the generator only
-        norms = {"grad_norm_fake": par.grad_norm(fake_score, clip_c),
-                 "grad_norm_disc": par.grad_norm(disc, clip_c)}
-        record(norms)
-        if guard.ok("a critic update", *norms.values()):
-            opt_f.step()
-            opt_d.step()
-
-    def generator_update():
-        opt_g.zero_grad(set_to_none=True)
-        # the discriminator (and with disc_features=fake the fake score) gets gradients here too; they are
-        # dropped by the critic's zero_grad, but their synchronisation is held back as well
-        accumulate_gradients(accelerator, nets.values(), A, generator_micro)
-        norm = par.grad_norm(generator, o.grad_clip)
-        record({"grad_norm_gen": norm})
-        if guard.ok("a generator update", norm):
-            opt_g.step()
-            if cfg.schedule.ema_every == "generator":
-                update_emas(par, emas, generator)
 
     # what export rebuilds the generator from (image pipelines), so that it does not need the teacher folder
     spec = {"generator_spec": task.info["generator_spec"]} if "generator_spec" in task.info else {}
@@ -422,10 +301,10 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
     while state["gen_step"] < cfg.steps:
         it = state["iteration"] - cfg.schedule.critic_warmup
         if it < 0:
-            critic_update()
+            iteration.critic_update()
             state["iteration"] += 1
             if per_iteration_ema:
-                update_emas(par, emas, generator)
+                iteration.update_emas()
             continue
         if cfg.schedule.scheme == "dmd2":
             do_critic, do_gen = True, it % k == 0
@@ -433,14 +312,14 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
             do_gen = it % k == k - 1 or k == 1
             do_critic = not do_gen or k == 1
         if do_critic:
-            critic_update()
+            iteration.critic_update()
         if do_gen:
-            generator_update()
+            iteration.generator_update()
             state["gen_step"] += 1
             state["images_seen"] += B * world * A
         state["iteration"] += 1
         if per_iteration_ema:  # FastGen's EMA callback: every iteration, critic-only ones too
-            update_emas(par, emas, generator)
+            iteration.update_emas()
         if not do_gen:
             continue
         step = state["gen_step"]

@@ -3,6 +3,7 @@
 Timings are not checked (CPU load varies); the counted network calls are, since they are exact.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from fdistill.config import load_config
+from fdistill.iteration import TrainingIteration
+from fdistill.objective import PER_BIN_DEN, PER_BIN_NUM
+from fdistill.pipelines import build_run_task
+from fdistill.trainer import distill
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +81,37 @@ def test_step_benchmark_tiny(tmp_path):
     assert set(ov["weighting_us"]) == {"js", "reverse_kl"}
     assert r["flops_per_iter"]["generator"] > 0 and r["flops_per_iter"]["critic"] > 0
     assert r["host_syncs_per_iter"] == {"generator": None, "critic": None}  # CUDA only
+
+
+@pytest.mark.parametrize("recipe", [["recipe=dmd2"], ["recipe=fastgen", "schedule.critic_per_gen=1"]])
+def test_step_benchmark_runs_the_trainers_iteration(tmp_path, recipe):
+    """benchmarks/step.py has no update step of its own: its Runner drives the trainer's TrainingIteration, so its
+    first critic + generator iteration gives the losses and gradient norms of the trainer's first generator step
+    bit for bit (same config, seed and initial weights; one process, the same computation), under either recipe
+    (fastgen: conditions of the real batch, unclipped critic, per-iteration EMAs)."""
+    spec = importlib.util.spec_from_file_location("step_benchmark", ROOT / "benchmarks" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    assert not {"critic_update", "generator_update", "critic_loss", "generator_loss"} & set(vars(step))
+    cfg = load_config(ROOT / "configs" / "toy2d.yaml", [
+        f"out={tmp_path / 'run'}", "steps=1", "batch_size=32", "schedule.critic_warmup=0", "log.every=1",
+        "log.progress=false", "task.hidden=16", "task.fake_hidden=16", "task.eval_samples=500",
+        "task.kde_samples=64", *recipe])
+    distill(cfg, build_run_task(cfg))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+
+    a = step.parse_args(["--divergence", cfg.divergence, "--baseline", ""])
+    device = torch.device("cpu")
+    step.resolve_args(a, cfg, device)
+    runner = step.Runner(build_run_task(cfg), cfg, [cfg.divergence], device, a)
+    it = runner.iterations[cfg.divergence]
+    assert type(it) is TrainingIteration and it.batch_size == cfg.batch_size
+    runner.critic(cfg.divergence)
+    runner.generator_iter(cfg.divergence)
+    logs = {k: v for k, v in it.logs.items() if not k.startswith((PER_BIN_NUM, PER_BIN_DEN))}
+    assert {"loss_dm", "grad_norm_fake", "grad_norm_disc", "grad_norm_gen"} <= set(logs)
+    for key, values in logs.items():
+        assert len(values) == 1 and float(values[0]) == row[key], key
 
 
 def test_batch_search_backs_off_on_out_of_memory(tmp_path):

@@ -185,7 +185,7 @@ def test_task_and_one_critic_and_generator_iteration(sd_dir, data_dir, tmp_path,
     # the noise schedule is the teacher's DDPM grid; the generator starts at timestep 999
     sched = DDPMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
     torch.testing.assert_close(task.schedule.sigmas, vp_sigmas(sched.alphas_cumprod))
-    assert task.generator.sigma == pytest.approx(float(task.schedule.sigmas[999]))
+    assert task.generator.generator_sigma == pytest.approx(float(task.schedule.sigmas[999]))
     assert isinstance(task.teacher, CFGDenoiser) and task.teacher.guidance_scale == 1.75
     assert not any(p.requires_grad for p in task.teacher.parameters())
 

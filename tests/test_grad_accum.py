@@ -1,6 +1,6 @@
 """Gradient accumulation (optim.grad_accum): two micro-batches of B give the update of one batch of 2B.
 
-The trainer's accumulate_gradients runs on the real objective and networks of the toy. The objective's random
+The training iteration's accumulate_gradients runs on the real objective and networks of the toy. The objective's random
 draws (noise levels, noise) are recorded on the 2B batch and served to the micro-batches as their halves, so
 both see the same samples; what is compared is the accumulation itself (loss scaling, gradient sums). That is
 exact (up to float rounding) when nothing depends on the batch's composition: the ratio normaliser off. With it
@@ -24,7 +24,7 @@ from fdistill.objective import FDistill
 from fdistill.pipelines import build_task
 from fdistill.ratio import RatioNormalizer
 from fdistill.parallel import Parallel
-from fdistill.trainer import accumulate_gradients
+from fdistill.iteration import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 32

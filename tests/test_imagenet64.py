@@ -217,7 +217,7 @@ def test_task_networks_and_real_data(tiny):
     assert all(p.requires_grad and p.dtype == torch.float32 for p in task.generator.parameters())
     assert all(p.requires_grad for p in task.fake_score.parameters())
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in task.generator.modules())
-    assert task.generator.sigma == 80.0 and task.generator.latent_shape == (3, 8, 8)
+    assert task.generator.generator_sigma == 80.0 and task.generator.latent_shape == (3, 8, 8)
     assert not any(task.teacher.calls.values())  # the build's shape probe is not counted
     # the fake score's own feature hooks work (a deep copy of a wrapped denoiser would report into the teacher)
     x, s, y = torch.randn(2, 3, 8, 8), torch.ones(2), torch.tensor([1, 2])

@@ -1,5 +1,6 @@
 """The MNIST (image) pipeline: exact resume after a hard kill, as for the toy; the shipped teacher's assets."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,15 +10,24 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_edm_teacher  # noqa: E402  (tests/ is on sys.path)
 
+from fdistill import checkpoint as ckpt
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_cmd(teacher, out):
+    return [sys.executable, str(ROOT / "tests/distill_hooks.py"), str(ROOT / "configs/mnist.yaml"), f"out={out}",
+            f"teacher={teacher}", "steps=6", "batch_size=4", "log.ckpt_every=2", "log.every=2", "log.progress=false",
+            "task.eval_samples=0", "task.grid_samples=4", "ema=[0.9]"]
+
+
+def _env(env=None):
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
+
+
 def _run(teacher, out, env=None):
-    cmd = [sys.executable, str(ROOT / "tests/distill_hooks.py"), str(ROOT / "configs/mnist.yaml"), f"out={out}",
-           f"teacher={teacher}", "steps=6", "batch_size=4", "log.ckpt_every=2", "log.every=2", "log.progress=false",
-           "task.eval_samples=0", "task.grid_samples=4", "ema=[0.9]"]
-    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+    return subprocess.run(_run_cmd(teacher, out), capture_output=True, text=True, env=_env(env), cwd=ROOT,
+                          timeout=600)
 
 
 def test_mnist_kill_and_resume_is_exact(tmp_path):
@@ -39,6 +49,42 @@ def test_mnist_kill_and_resume_is_exact(tmp_path):
         sa = load_file(str(a / "ckpt-00000006" / f"{name}.safetensors"))
         sb = load_file(str(b / "ckpt-00000006" / f"{name}.safetensors"))
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_run_from_before_the_head_fix_resumes_with_its_old_heads(tmp_path):
+    """Runs written before MNIST's discriminator read three teacher maps have no task.feature_modules in their
+    config and one head on mid_block in their checkpoints: resumed with their own config, they keep that head
+    (fdistill.pipelines.LEGACY_TASK_DEFAULTS) instead of failing on tensor shapes."""
+    teacher = tmp_path / "teacher"
+    tiny_edm_teacher(teacher)
+    run = tmp_path / "old"
+    r = subprocess.run([*_run_cmd(teacher, run), "steps=2", "task.feature_modules=[mid_block]"], capture_output=True,
+                       text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((run / "config.json").read_text())
+    del saved["task"]["feature_modules"]  # as an older fdistill wrote it
+    (run / "config.json").write_text(json.dumps(saved))
+    (run / "config.yaml").write_text(json.dumps(saved))  # JSON is YAML
+    r = subprocess.run([sys.executable, "-m", "fdistill.cli", "distill", str(run / "config.yaml"), f"out={run}",
+                        "steps=4"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    old = load_file(str(run / "ckpt-00000002" / "discriminator.safetensors"))
+    new = load_file(str(run / "ckpt-00000004" / "discriminator.safetensors"))
+    assert sorted(old) == sorted(new) and all(old[k].shape == new[k].shape for k in old)
+    assert not any(k.startswith("heads.1.") for k in new)  # one head, as the run was started
+
+
+def test_a_checkpoint_of_other_shapes_names_the_mismatch_and_the_fix(tmp_path):
+    (tmp_path / "ckpt-00000002").mkdir()
+    path = tmp_path / "ckpt-00000002" / "discriminator.safetensors"
+    ckpt.save_file({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}, str(path))
+    try:
+        ckpt.load_module(torch.nn.Linear(2, 4), path)
+    except ckpt.CheckpointError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("a checkpoint of other shapes was loaded")
+    assert "size mismatch" in msg and str(tmp_path / "config.yaml") in msg and f"out={tmp_path}" in msg
 
 
 def test_shipped_teacher_assets_are_complete():

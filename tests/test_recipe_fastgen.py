@@ -288,16 +288,17 @@ def test_ema_advances_every_iteration_as_fastgens(tmp_path, monkeypatch):
     starting from the initial network; with 4 critic-only iterations first that is our first update's copy."""
     from safetensors.torch import load_file
 
-    from fdistill import trainer
+    from fdistill import iteration, trainer
+    from fdistill.generator import unwrap
 
     snaps = []
-    orig = trainer.update_emas
+    orig = iteration.update_emas
 
     def spy(par, emas, generator):
-        snaps.append({k: v.detach().clone() for k, v in trainer.unwrap(generator).named_parameters()})
+        snaps.append({k: v.detach().clone() for k, v in unwrap(generator).named_parameters()})
         return orig(par, emas, generator)
 
-    monkeypatch.setattr(trainer, "update_emas", spy)
+    monkeypatch.setattr(iteration, "update_emas", spy)
     out = tmp_path / "run"
     cfg = load_config(CONFIGS / "toy2d.yaml", [
         "recipe=fastgen", "schedule.scheme=fastgen", "schedule.critic_per_gen=5", "steps=2", "ema=[0.9]",

@@ -242,7 +242,7 @@ def test_export_round_trip_gives_the_checkpoint_images(image_run, root, tmp_path
     gen.load_state_dict({k[len("module."):]: v for k, v in sd.items() if k.startswith("module.")})
     with torch.no_grad():
         want = gen(per_image_latents(seeds, SHAPE), labels)
-    assert gen.sigma == 40.0 and torch.equal(x, want)
+    assert gen.generator_sigma == 40.0 and torch.equal(x, want)
     assert torch.equal(pipeline_from_checkpoint(image_run)(class_labels=labels, seeds=seeds,
                                                            output_type="raw").images, want)
     # ... and it moved away from the teacher during training

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from fdistill.cli import main as cli_main
-from fdistill.config import ConfigError, load_config
+from fdistill.config import ConfigError, DistillConfig, load_config
+from fdistill.pipelines import build_run_task
+from fdistill.trainer import distill
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["batch_size=64", "task.hidden=32", "task.fake_hidden=32", "task.eval_samples=2000", "task.kde_samples=256", "log.every=5",
@@ -86,6 +88,26 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(tmp_path / "nope.yaml")
     cfg = load_config(ROOT / "configs/toy2d.yaml", ["optim.lr_gen=1e-5", "ema=[0.9,0.99]"])
     assert cfg.optim.lr_gen == 1e-5 and cfg.ema == [0.9, 0.99]
+
+
+@pytest.mark.parametrize("key, value", [("schedule.ema_every", "step"), ("gen_cond", "paired"),
+                                        ("schedule.scheme", "dmd3"), ("objective.disc_features", "student"),
+                                        ("objective.denoise_loss", "v"), ("ratio_norm.bin_spacing", "log")])
+def test_recipe_keys_are_checked_by_the_config_before_anything_is_written(tmp_path, key, value):
+    """The config layer refuses the values the trainer and the objective read (formerly refused by the trainer,
+    or by the objective after the run directory was written); a config built in code is refused by distill()
+    before the run directory exists."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(ROOT / "configs/toy2d.yaml", [f"{key}={value}", f"out={out}"])
+    cfg = load_config(ROOT / "configs/toy2d.yaml", [f"out={out}", *SMALL, "steps=1"])
+    task = build_run_task(cfg)
+    section, _, name = key.rpartition(".")
+    setattr(getattr(cfg, section) if section else cfg, name, value)
+    assert isinstance(cfg, DistillConfig)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        distill(cfg, task)
+    assert not out.exists()
 
 
 def test_cli_help_and_dry_run(capsys, tmp_path):

@@ -33,19 +33,22 @@ def _tokenizer(max_len=16):
     return clip_tokenizer(max_len)
 
 
-def make_tiny_sd(path, prediction_type="epsilon", seed=0):
+def make_tiny_sd(path, prediction_type="epsilon", seed=0, unet_config: dict | None = None):
+    """``unet_config``: another UNet2DConditionModel config (benchmarks/step.py: SD1.5's at full size); the text
+    encoder's width follows its cross_attention_dim."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tok = _tokenizer()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                      num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
+    unet_config = unet_config or dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=unet_config["cross_attention_dim"],
+                                      intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                      max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(**unet_config)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
                         norm_num_groups=8, sample_size=16)

@@ -6,8 +6,12 @@ A task is built from a ``DistillConfig`` by ``build_task(cfg, device)`` (the reg
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from .. import checkpoint as ckpt
 from ..task import Task, check_task_keys  # noqa: F401 (re-exported first: task modules may import them from here)
 from . import coco_t2i, diffusers_t2i, image, imagenet64, mnist, toy2d
 
@@ -22,6 +26,13 @@ BUILDERS = {
     "flux": diffusers_t2i.build,
 }
 """config ``pipeline`` -> build(cfg, device) -> Task."""
+
+LEGACY_TASK_DEFAULTS = {
+    # MNIST's discriminator read only the teacher's 4x4 bottleneck until the head fix of docs/discriminator.md
+    "mnist": {"feature_modules": ["mid_block"]},
+}
+"""Task defaults that changed after runs were written with them. A run directory whose saved config lacks such a
+key was built with the old value, so resuming it uses that value (its checkpoints hold networks of that shape)."""
 
 
 def build_task(cfg, device) -> Task:
@@ -38,5 +49,27 @@ def build_run_task(cfg) -> Task:
     from accelerate import PartialState  # heavy (imports accelerate's whole stack); the device accelerate will use
 
     device = PartialState(cpu=not torch.cuda.is_available()).device
+    legacy = legacy_task_keys(cfg)
+    if legacy:
+        cfg.task = {**cfg.task, **legacy}
     torch.manual_seed(cfg.seed)
-    return build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
+    task = build_task(cfg, device)  # validates the task keys, teacher and data before anything is written
+    task.info["legacy_task_keys"] = legacy  # the trainer's resume check counts them as the saved run's
+    return task
+
+
+def legacy_task_keys(cfg) -> dict:
+    """The task keys a resumed run needs at their old defaults (``LEGACY_TASK_DEFAULTS``): those its saved config
+    lacks and this config does not set. Empty unless ``cfg.out`` holds a started run of the same pipeline."""
+    old = LEGACY_TASK_DEFAULTS.get(cfg.pipeline)
+    saved = Path(cfg.out) / "config.json"
+    if not old or not saved.is_file() or ckpt.latest_checkpoint(Path(cfg.out)) is None:
+        return {}
+    try:
+        saved_cfg = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable: the trainer's resume check reports it
+    if saved_cfg.get("pipeline") != cfg.pipeline:
+        return {}
+    saved_task = saved_cfg.get("task") or {}
+    return {k: v for k, v in old.items() if k not in saved_task and k not in (cfg.task or {})}

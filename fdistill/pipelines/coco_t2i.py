@@ -330,30 +330,30 @@ def task_prompts(path, max_prompts: int) -> list[str]:
 
 
 def build(cfg, device) -> Task:
-    t = check_task_keys(cfg.task, DEFAULTS, "coco_t2i")
+    settings = check_task_keys(cfg.task, DEFAULTS, "coco_t2i")
     if cfg.noise.grid != "vp":
         raise ValueError("pipeline coco_t2i uses the teacher's DDPM grid: set noise.grid: vp")
-    if t["teacher_dtype"] not in DTYPES or t["vae_dtype"] not in DTYPES:
+    if settings["teacher_dtype"] not in DTYPES or settings["vae_dtype"] not in DTYPES:
         raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(DTYPES)}")
     if not cfg.prompts:
         raise ValueError("prompts= is required for coco_t2i: a COCO captions JSON or a text file, one prompt per line")
     device = torch.device(device)
-    unet, sched, vae, text_encoder, tokenizer = load_teacher_parts(cfg.teacher, t["variant"])
-    pred = t["prediction_type"] or sched.config.prediction_type
+    unet, sched, vae, text_encoder, tokenizer = load_teacher_parts(cfg.teacher, settings["variant"])
+    pred = settings["prediction_type"] or sched.config.prediction_type
     ac = sched.alphas_cumprod.clone()
     T = len(ac)
-    if not 0 <= t["generator_timestep"] < T:
+    if not 0 <= settings["generator_timestep"] < T:
         raise ValueError(f"task.generator_timestep must lie in [0, {T - 1}]")
     sigmas = vp_sigmas(ac)
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max),
-                             generator_sigma=float(sigmas[t["generator_timestep"]]), time="index")
-    fm = list(t["feature_modules"])
+                             generator_sigma=float(sigmas[settings["generator_timestep"]]), time="index")
+    fm = list(settings["feature_modules"])
 
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.
     gen_den = VPUNetDenoiser(copy.deepcopy(unet), ac, pred, fm).requires_grad_(True).train()
     fake = VPUNetDenoiser(copy.deepcopy(unet), ac, pred, fm).requires_grad_(True).train()
-    teacher_vp = freeze(VPUNetDenoiser(unet.to(DTYPES[t["teacher_dtype"]]), ac, pred, fm))
-    if t["xformers"]:
+    teacher_vp = freeze(VPUNetDenoiser(unet.to(DTYPES[settings["teacher_dtype"]]), ac, pred, fm))
+    if settings["xformers"]:
         try:
             for net in (gen_den, fake, teacher_vp):
                 net.unet.enable_xformers_memory_efficient_attention()
@@ -361,22 +361,22 @@ def build(cfg, device) -> Task:
             raise RuntimeError(f"task.xformers=true but xformers attention is unavailable ({e}); pip install "
                                "xformers (CUDA only) or set task.xformers=false (PyTorch SDPA is used then)") from e
 
-    res = t["resolution"] or unet.config.sample_size * vae_factor(vae)
+    res = settings["resolution"] or unet.config.sample_size * vae_factor(vae)
     if res % vae_factor(vae):
         raise ValueError(f"task.resolution={res} must be a multiple of the VAE factor {vae_factor(vae)}")
     lat = res // vae_factor(vae)
     generator = OneStepGenerator(gen_den, schedule.generator_sigma, (unet.config.in_channels, lat, lat))
 
     text_encoder.to(device).eval().requires_grad_(False)
-    vae.to(device, DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
+    vae.to(device, DTYPES[settings["vae_dtype"]]).eval().requires_grad_(False)
     uncond = encode_prompts(tokenizer, text_encoder, [""])
     max_len = tokenizer.model_max_length
-    if not isinstance(t["text_mask"], bool):
-        raise ValueError(f"task.text_mask must be true or false, got {t['text_mask']!r}")
+    if not isinstance(settings["text_mask"], bool):
+        raise ValueError(f"task.text_mask must be true or false, got {settings['text_mask']!r}")
     uncond_cond = {"encoder_hidden_states": uncond}
-    if t["text_mask"]:  # the empty prompt's BOS and EOS only
+    if settings["text_mask"]:  # the empty prompt's BOS and EOS only
         uncond_cond["encoder_attention_mask"] = text_mask(token_lengths(tokenizer, [""]), max_len, uncond.device)
-    teacher = freeze(CFGDenoiser(teacher_vp, t["guidance_scale"], uncond_cond))
+    teacher = freeze(CFGDenoiser(teacher_vp, settings["guidance_scale"], uncond_cond))
 
     # The discriminator head is built from the teacher's feature shapes (same init on every process: the trainer
     # seeded the global RNG; nothing process-dependent has drawn from it yet).
@@ -386,15 +386,16 @@ def build(cfg, device) -> Task:
     disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
 
     # prompts and the real images' captions, embedded once
-    prompts = task_prompts(cfg.prompts, t["max_prompts"])
+    prompts = task_prompts(cfg.prompts, settings["max_prompts"])
     cache_dir = Path(cfg.out) / "cache"
     if cfg.data:
-        latents, files = latent_cache(cfg.data, vae, res, Path(t["latent_cache"]) if t["latent_cache"] else None,
-                                      cache_dir, t["max_real"], t["encode_batch_size"], str(cfg.teacher))
+        cache = Path(settings["latent_cache"]) if settings["latent_cache"] else None
+        latents, files = latent_cache(cfg.data, vae, res, cache, cache_dir, settings["max_real"],
+                                      settings["encode_batch_size"], str(cfg.teacher))
         if latents.shape[1:] != (unet.config.in_channels, lat, lat):
             raise ValueError(f"real latents have shape {latents.shape[1:]}, the generator makes "
                              f"{(unet.config.in_channels, lat, lat)}; check task.resolution")
-        real_caps = _real_caption_table(files, t["real_captions"], cfg.prompts) if files else \
+        real_caps = _real_caption_table(files, settings["real_captions"], cfg.prompts) if files else \
             [[] for _ in range(len(latents))]
     else:
         warnings.warn("coco_t2i without data=: the GAN term sees no real images (the discriminator then has "
@@ -411,16 +412,16 @@ def build(cfg, device) -> Task:
         warnings.warn(f"{len(latents) - n_paired} of {len(latents)} real images have no caption; the teacher judges "
                       "them with random training prompts (pass task.real_captions=... to pair them)")
 
-    mode = t["text_cache"]
+    mode = settings["text_cache"]
     if mode == "auto":
-        mode = "memory" if len(texts) <= t["max_cached_prompts"] else "online"
+        mode = "memory" if len(texts) <= settings["max_cached_prompts"] else "online"
     key = hashlib.sha1(json.dumps([texts[:1000], len(texts), str(cfg.teacher)]).encode()).hexdigest()[:12]
     bank = PromptBank(texts, tokenizer, text_encoder, mode,
-                      Path(t["text_cache_dir"] or cache_dir) / f"text-{key}.npy", t["encode_batch_size"])
-    eval_prompts = prompts[:t["eval_prompts"]]
+                      Path(settings["text_cache_dir"] or cache_dir) / f"text-{key}.npy", settings["encode_batch_size"])
+    eval_prompts = prompts[:settings["eval_prompts"]]
     eval_cond = encode_prompts(tokenizer, text_encoder, eval_prompts)
-    lengths = token_lengths(tokenizer, texts) if t["text_mask"] else None
-    eval_lengths = token_lengths(tokenizer, eval_prompts) if t["text_mask"] else None
+    lengths = token_lengths(tokenizer, texts) if settings["text_mask"] else None
+    eval_lengths = token_lengths(tokenizer, eval_prompts) if settings["text_mask"] else None
     if mode != "online":
         text_encoder.cpu()
 

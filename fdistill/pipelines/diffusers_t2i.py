@@ -224,50 +224,51 @@ def make_denoiser(net, family: str, alphas_cumprod=None, feature_modules=None, g
 
 def build(cfg, device) -> Task:
     family = cfg.pipeline
-    t = check_task_keys(cfg.task, DEFAULTS, family)
+    settings = check_task_keys(cfg.task, DEFAULTS, family)
     grid = FAMILIES[family][2]
     if cfg.noise.grid != grid:
         raise ValueError(f"pipeline {family} uses the teacher's own {'DDPM' if grid == 'vp' else 'flow-matching'} "
                          f"grid: set noise.grid: {grid}")
-    if t["teacher_dtype"] not in _DTYPES or t["vae_dtype"] not in _DTYPES:
+    if settings["teacher_dtype"] not in _DTYPES or settings["vae_dtype"] not in _DTYPES:
         raise ValueError(f"task.teacher_dtype / task.vae_dtype must be one of {list(_DTYPES)}")
     if not cfg.prompts:
         raise ValueError(f"prompts= is required for {family}: a COCO captions JSON or a text file, one prompt per line")
-    if t["lora_rank"] < 0:
-        raise ValueError(f"task.lora_rank must be >= 0 (0 = full fine-tuning), got {t['lora_rank']}")
-    if t["lora_rank"] and cfg.ema:
+    if settings["lora_rank"] < 0:
+        raise ValueError(f"task.lora_rank must be >= 0 (0 = full fine-tuning), got {settings['lora_rank']}")
+    if settings["lora_rank"] and cfg.ema:
         raise ValueError("LoRA students keep no EMA (an EMA would copy the shared base): set ema: []")
-    if t["text_cache"] not in ("auto", "memory", "online"):
-        raise ValueError(f"task.text_cache must be auto, memory or online, got {t['text_cache']!r}")
+    if settings["text_cache"] not in ("auto", "memory", "online"):
+        raise ValueError(f"task.text_cache must be auto, memory or online, got {settings['text_cache']!r}")
     device = torch.device(device)
-    tdtype = _DTYPES[t["teacher_dtype"]]
+    tdtype = _DTYPES[settings["teacher_dtype"]]
     # the pipeline without its network (text encoders and VAE); the network apart: fp32 for full fine-tuning (the
     # trainable copies start from the exact teacher weights), the teacher's dtype for a LoRA base
-    pipe = load_pipeline(cfg.teacher, family, tdtype, t["variant"], **{FAMILIES[family][1]: None})
-    net = load_network(cfg.teacher, family, tdtype if t["lora_rank"] else torch.float32, t["variant"])
-    guidance = t["guidance_scale"] or _DEFAULT_GUIDANCE[family]
-    lat = latent_side(pipe, family, t["resolution"])
+    pipe = load_pipeline(cfg.teacher, family, tdtype, settings["variant"], **{FAMILIES[family][1]: None})
+    net = load_network(cfg.teacher, family, tdtype if settings["lora_rank"] else torch.float32, settings["variant"])
+    guidance = settings["guidance_scale"] or _DEFAULT_GUIDANCE[family]
+    lat = latent_side(pipe, family, settings["resolution"])
     res = lat * vae_factor(pipe)
     channels = net.config.in_channels // (4 if family == "flux" else 1)
     latent_shape = (channels, lat, lat)
-    fm = list(t["feature_modules"]) or None
+    fm = list(settings["feature_modules"]) or None
 
     # noise grid and the generator's level
     if grid == "vp":
         ac = pipe.scheduler.alphas_cumprod.clone()
         sigmas = vp_sigmas(ac)
-        if not 0 <= t["generator_timestep"] < len(ac):
+        if not 0 <= settings["generator_timestep"] < len(ac):
             raise ValueError(f"task.generator_timestep must lie in [0, {len(ac) - 1}]")
-        gen_sigma = float(sigmas[t["generator_timestep"]])
+        generator_sigma = float(sigmas[settings["generator_timestep"]])
     else:
         ac = None
         sigmas = flow_grid(dict(pipe.scheduler.config), image_seq_len=(lat // 2) ** 2)
-        gen_sigma = math.inf  # t = 1: pure noise
-    schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max), generator_sigma=gen_sigma)
+        generator_sigma = math.inf  # t = 1: pure noise
+    schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max), generator_sigma=generator_sigma)
 
     # networks: fp32 trainable copies (full fine-tuning) or LoRA adapters on one frozen base
 
-    lora = LoraSpec(t["lora_rank"], t["lora_alpha"], list(t["lora_targets"]) or default_lora_targets(family))
+    lora = LoraSpec(settings["lora_rank"], settings["lora_alpha"],
+                    list(settings["lora_targets"]) or default_lora_targets(family))
     mk = lambda n: make_denoiser(n, family, ac, fm, guidance)  # noqa: E731
     if lora.rank:
         net.to(tdtype)
@@ -277,13 +278,13 @@ def build(cfg, device) -> Task:
         gen_den = mk(copy.deepcopy(net).float()).requires_grad_(True).train()
         fake = mk(copy.deepcopy(net).float()).requires_grad_(True).train()
         teacher_inner = freeze(mk(net.to(tdtype)))
-    generator = OneStepGenerator(gen_den, gen_sigma, latent_shape)
+    generator = OneStepGenerator(gen_den, generator_sigma, latent_shape)
 
     for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
-    pipe.vae.to(device, _DTYPES[t["vae_dtype"]]).eval().requires_grad_(False)
-    msl = t["max_sequence_length"]
+    pipe.vae.to(device, _DTYPES[settings["vae_dtype"]]).eval().requires_grad_(False)
+    msl = settings["max_sequence_length"]
     extra = {"time_ids": sdxl_time_ids(res)} if family == "sdxl" else {}
     uncond = {**encode_uncond(pipe, family, msl), **extra}
     # FLUX.1 is guidance-distilled (its embedding, set above); the others get CFG in x0 space
@@ -299,15 +300,16 @@ def build(cfg, device) -> Task:
                                          {k: v.to(device) for k, v in uncond.items()}, mode="features")
     disc = Discriminator.for_feature_shapes([f.shape[1:] for f in probe])
 
-    prompts = task_prompts(cfg.prompts, t["max_prompts"])
+    prompts = task_prompts(cfg.prompts, settings["max_prompts"])
     cache_dir = Path(cfg.out) / "cache"
     if cfg.data:
-        latents, files = latent_cache(cfg.data, pipe.vae, res, Path(t["latent_cache"]) if t["latent_cache"] else
-                                      None, cache_dir, t["max_real"], t["encode_batch_size"], str(cfg.teacher))
+        cache = Path(settings["latent_cache"]) if settings["latent_cache"] else None
+        latents, files = latent_cache(cfg.data, pipe.vae, res, cache, cache_dir, settings["max_real"],
+                                      settings["encode_batch_size"], str(cfg.teacher))
         if tuple(latents.shape[1:]) != latent_shape:
             raise ValueError(f"real latents have shape {latents.shape[1:]}, the generator makes {latent_shape}; "
                              "check task.resolution")
-        real_caps = _real_caption_table(files, t["real_captions"], cfg.prompts) if files else \
+        real_caps = _real_caption_table(files, settings["real_captions"], cfg.prompts) if files else \
             [[] for _ in range(len(latents))]
     else:
         warnings.warn(f"{family} without data=: the GAN term sees no real images; pass data=IMAGES_DIR")
@@ -315,10 +317,10 @@ def build(cfg, device) -> Task:
     texts = list(dict.fromkeys(prompts + [c for caps in real_caps for c in caps]))
     text_id = {s: i for i, s in enumerate(texts)}
     prompt_ids = torch.tensor([text_id[s] for s in prompts], dtype=torch.long)
-    mode = t["text_cache"]
+    mode = settings["text_cache"]
     if mode == "auto":
-        mode = "memory" if len(texts) <= t["max_cached_prompts"] else "online"
-    bs = t["encode_batch_size"]
+        mode = "memory" if len(texts) <= settings["max_cached_prompts"] else "online"
+    bs = settings["encode_batch_size"]
 
     def _encode(ts):
         out = [encode_texts(pipe, family, ts[i:i + bs], msl) for i in range(0, len(ts), bs)]
@@ -340,7 +342,7 @@ def build(cfg, device) -> Task:
             c["time_ids"] = extra["time_ids"].to(dev).expand(len(ids), -1)
         return c
 
-    eval_prompts = prompts[:t["eval_prompts"]]
+    eval_prompts = prompts[:settings["eval_prompts"]]
     eval_ids = prompt_ids[:len(eval_prompts)]
 
     def _randint(high, n, rng, dev):

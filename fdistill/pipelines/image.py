@@ -60,7 +60,7 @@ _TEACHER_DTYPES = ("float32", "bfloat16")
 
 def build(cfg, device, defaults: dict | None = None, pipeline: str = "image") -> Task:
     """The ``image`` task; ``imagenet64.build`` calls it with ImageNet-64 defaults."""
-    t = check_task_keys(cfg.task, DEFAULTS if defaults is None else defaults, pipeline)
+    settings = check_task_keys(cfg.task, DEFAULTS if defaults is None else defaults, pipeline)
     if not cfg.teacher:
         raise ValueError(f"pipeline {pipeline} needs a teacher: pass teacher=DIR, a folder written by "
                          "`fdistill convert-edm EDM.pkl DIR` (config.json, diffusion_pytorch_model.safetensors, "
@@ -71,29 +71,30 @@ def build(cfg, device, defaults: dict | None = None, pipeline: str = "image") ->
     if not Path(cfg.teacher).is_dir():
         raise FileNotFoundError(f"teacher={cfg.teacher}: no such folder; convert the EDM checkpoint first with "
                                 f"`fdistill convert-edm EDM.pkl {cfg.teacher}`")
-    if t["teacher_dtype"] not in _TEACHER_DTYPES:
-        raise ValueError(f"task.teacher_dtype must be one of {sorted(_TEACHER_DTYPES)}, got {t['teacher_dtype']!r}")
+    if settings["teacher_dtype"] not in _TEACHER_DTYPES:
+        raise ValueError(f"task.teacher_dtype must be one of {sorted(_TEACHER_DTYPES)}, "
+                         f"got {settings['teacher_dtype']!r}")
     unet, precond = load_converted(cfg.teacher, dtype=torch.float32)
-    res, channels, num_classes = _shape_keys(t, unet, pipeline)
+    res, channels, num_classes = _shape_keys(settings, unet, pipeline)
     dataset = open_image_dataset(cfg.data, res, num_classes=num_classes or None, channels=channels,
-                                 label_offset=t["label_offset"])
+                                 label_offset=settings["label_offset"])
     if num_classes and not dataset.has_labels:
         raise ValueError(f"data={cfg.data} has no labels but the teacher is class-conditional ({num_classes} "
                          "classes); give a labelled dataset (dataset.json labels, or class sub-folders)")
-    task = assemble(cfg, t, unet, float(precond.get("sigma_data", 0.5)), dataset, device, res, channels,
+    task = assemble(cfg, settings, unet, float(precond.get("sigma_data", 0.5)), dataset, device, res, channels,
                     num_classes)
     task.info["teacher_meta"] = precond
     return task
 
 
-def _shape_keys(t: dict, unet, pipeline: str) -> tuple[int, int, int]:
+def _shape_keys(settings: dict, unet, pipeline: str) -> tuple[int, int, int]:
     """(resolution, channels, num_classes) from the task keys, checked against the teacher's UNet config."""
     c = unet.config
     have = {"resolution": int(c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]),
             "channels": int(c.in_channels), "num_classes": int(c.num_class_embeds or 0)}
     out = []
     for key in ("resolution", "channels", "num_classes"):
-        v = t[key]
+        v = settings[key]
         if v is None:
             v = have[key]
         if isinstance(v, bool) or not isinstance(v, int):
@@ -121,25 +122,25 @@ def _json_config(unet: nn.Module) -> dict:
     return json.loads(json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}))
 
 
-def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, resolution: int, channels: int,
+def assemble(cfg, settings: dict, unet: nn.Module, sigma_data: float, dataset, device, resolution: int, channels: int,
              num_classes: int) -> Task:
     """Teacher, trainable copies, discriminator, schedule, real data and conditioning around a UNet2DModel.
 
     ``unet`` must hold fp32 weights without hooks; ``dataset`` yields (CHW float in [-1, 1], label)."""
-    fm = list(t["feature_modules"])
+    fm = list(settings["feature_modules"])
     if abs(sigma_data - cfg.objective.sigma_data) > 1e-9:
         raise ValueError(f"the teacher's sigma_data is {sigma_data} but objective.sigma_data (the fake score's "
                          f"loss weighting) is {cfg.objective.sigma_data}; pass objective.sigma_data={sigma_data}")
     # Copy the UNet before wrapping the teacher: a Denoiser's feature hooks are bound to the Denoiser that
     # registered them, so deep-copying a wrapped model would leave the copy reporting into the teacher.
-    gen_unet, fake_unet = _trainable_copy(unet, t["dropout"]), _trainable_copy(unet, t["dropout"])
+    gen_unet, fake_unet = _trainable_copy(unet, settings["dropout"]), _trainable_copy(unet, settings["dropout"])
     teacher = freeze(EDMPrecondUNet(unet, sigma_data, fm))
-    if t["teacher_dtype"] != "float32":
-        unet.to(DTYPES[t["teacher_dtype"]])
+    if settings["teacher_dtype"] != "float32":
+        unet.to(DTYPES[settings["teacher_dtype"]])
     fake = EDMPrecondUNet(fake_unet, sigma_data, fm)  # features too: objective.disc_features=fake reads them
-    sigma_gen = cfg.noise.generator_sigma or cfg.noise.sigma_max
-    generator = OneStepGenerator(EDMPrecondUNet(gen_unet, sigma_data, ()), sigma_gen, (channels, resolution,
-                                                                                       resolution))
+    generator_sigma = cfg.noise.generator_sigma or cfg.noise.sigma_max
+    generator = OneStepGenerator(EDMPrecondUNet(gen_unet, sigma_data, ()), generator_sigma,
+                                 (channels, resolution, resolution))
     with torch.no_grad():
         probe = teacher(torch.zeros(1, channels, resolution, resolution), torch.ones(1),
                         torch.zeros(1, dtype=torch.long) if num_classes else None, mode="features")
@@ -147,12 +148,12 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
     teacher.reset_calls()  # the probe is not part of training; the counters are read by tests/benchmarks
     schedule = _schedule(cfg.noise)
 
-    if t["init_from"]:
-        _init_from(t["init_from"], t["init_generator"], t["init_critic"], generator, fake, disc)
+    if settings["init_from"]:
+        _init_from(settings["init_from"], settings["init_generator"], settings["init_critic"], generator, fake, disc)
 
-    threads = int(t["loader_threads"])
+    threads = int(settings["loader_threads"])
     pool = ThreadPoolExecutor(threads, thread_name_prefix="fdistill-data") if threads > 0 else None
-    xflip = bool(t["xflip"])
+    xflip = bool(settings["xflip"])
 
     def sample_cond(k, rng, dev):
         if not num_classes:
@@ -171,7 +172,7 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
         y = torch.tensor([lab for _, lab in items], dtype=torch.long).to(dev) if num_classes else None
         return x, y
 
-    n_grid = int(t["grid_samples"])
+    n_grid = int(settings["grid_samples"])
 
     def evaluate(gen, run_dir, final=False, step=0):
         """A sample grid of fixed latents and labels spread over the classes; FID is a separate command."""
@@ -195,10 +196,10 @@ def assemble(cfg, t: dict, unet: nn.Module, sigma_data: float, dataset, device, 
                 sample_cond=sample_cond, sample_real=sample_real, evaluate=evaluate, sigma_data=sigma_data,
                 info={"resolution": resolution, "channels": channels, "num_classes": num_classes,
                       "dataset_size": len(dataset), "feature_shapes": [tuple(f.shape[1:]) for f in probe],
-                      "init_from": t["init_from"],
+                      "init_from": settings["init_from"],
                       # what export needs to rebuild the generator without the teacher folder (checkpoints keep it)
                       "generator_spec": {"pipeline": cfg.pipeline, "unet_config": _json_config(gen_unet),
-                                         "sigma_data": float(sigma_data), "sigma_max": float(sigma_gen)}})
+                                         "sigma_data": float(sigma_data), "sigma_max": float(generator_sigma)}})
 
 
 def _schedule(n) -> NoiseSchedule:

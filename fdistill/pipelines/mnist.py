@@ -186,12 +186,13 @@ def teacher_assets(teacher_dir: Path = TEACHER_DIR, progress=True) -> dict:
 def build(cfg, device) -> Task:
     """The MNIST task: the generic EDM image task (image.assemble) on the shipped teacher and the in-memory
     digits, with the demo's evaluation (FID, teacher vs student grid, sampling speed) at the end."""
-    t = check_task_keys(cfg.task, DEFAULTS, "mnist")
+    settings = check_task_keys(cfg.task, DEFAULTS, "mnist")
     den, meta = load_teacher(cfg.teacher)
     res = meta.get("resolution", RESOLUTION)
     x, y = load_mnist(res)
-    image_keys = {**IMAGE_DEFAULTS, "teacher_dtype": t["teacher_dtype"], "grid_samples": t["grid_samples"],
-                  "feature_modules": list(t["feature_modules"]), "loader_threads": 0}  # in-memory digits: nothing to decode
+    image_keys = {**IMAGE_DEFAULTS, "teacher_dtype": settings["teacher_dtype"],  # in-memory digits: nothing to decode
+                  "grid_samples": settings["grid_samples"], "feature_modules": list(settings["feature_modules"]),
+                  "loader_threads": 0}
     task = assemble(cfg, image_keys, den.unet, den.sigma_data, list(zip(x, y.tolist())), device, res, 1,
                     NUM_CLASSES)
     grid = task.evaluate
@@ -199,8 +200,8 @@ def build(cfg, device) -> Task:
     def evaluate(gen, run_dir, final=False, step=0):
         if not final:
             return grid(gen, run_dir, final, step)
-        return evaluate_mnist(gen, task.teacher, meta, Path(run_dir), res, device, num_fid=t["eval_samples"],
-                              progress=cfg.log.progress, n_grid=t["grid_samples"], teacher_dir=cfg.teacher)
+        return evaluate_mnist(gen, task.teacher, meta, Path(run_dir), res, device, num_fid=settings["eval_samples"],
+                              progress=cfg.log.progress, n_grid=settings["grid_samples"], teacher_dir=cfg.teacher)
 
     task.evaluate = evaluate
     task.info["teacher_meta"] = meta
