@@ -24,6 +24,22 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "fdistill.cli", *args]
 
 
+def shipped_reference(runs: Path) -> Path:
+    """The shipped reference features, written under the key `fdistill eval pr` reads."""
+    ref = runs / "ref_feats.npz"
+    with np.load(ROOT / "assets/mnist_teacher/ref_features.npz") as d:
+        np.savez(ref, feats=d["features"].astype(np.float32))
+    return ref
+
+
+def precision_recall(run: Path, ref: Path, env: dict) -> dict:
+    """`fdistill eval pr` of a demo run's student features (kept in student_features.npz) against ``ref`` (k=3)."""
+    pr_json = run / "pr.json"
+    subprocess.run(_cli("eval", "pr", str(run / "student_features.npz"), str(ref), "--num", "all", "--out",
+                        str(pr_json), "--quiet"), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads(pr_json.read_text())
+
+
 def ess_summary(metrics_jsonl: Path) -> dict:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     ess = [r["h_ess"] for r in rows if "h_ess" in r]
@@ -47,9 +63,7 @@ def main():
     results = json.loads(out.read_text()) if out.is_file() else {}
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = runs / "ref_feats.npz"  # the shipped reference features under the key `fdistill eval pr` reads
-    with np.load(ROOT / "assets/mnist_teacher/ref_features.npz") as d:
-        np.savez(ref, feats=d["features"].astype(np.float32))
+    ref = shipped_reference(runs)
     for s in a.seeds:  # seeds outermost: a stopped table still has every divergence for the first seeds
         for d in a.divergences:
             key = f"{d}/{s}"
@@ -59,11 +73,7 @@ def main():
             subprocess.run(_cli("demo", "--divergence", d, "--out", str(run), f"seed={s}", "log.progress=false",
                                 *a.overrides), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
             m = json.loads((run / "metrics.json").read_text())
-            pr_json = run / "pr.json"
-            subprocess.run(_cli("eval", "pr", str(run / "student_features.npz"), str(ref), "--num", "all",
-                                "--out", str(pr_json), "--quiet"), check=True, env=env, cwd=ROOT,
-                           stdout=subprocess.DEVNULL)
-            pr = json.loads(pr_json.read_text())
+            pr = precision_recall(run, ref, env)
             results[key] = {"divergence": d, "seed": s, "fid_student": m["fid_student"],
                             "fid_teacher": m.get("fid_teacher"), "precision": pr["precision"],
                             "recall": pr["recall"], "gen_steps": m["gen_steps"],

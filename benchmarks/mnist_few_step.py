@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from mnist_divergences import precision_recall, shipped_reference  # benchmarks/ is on the path of its scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,14 +39,6 @@ def _demo(k: int, steps: int, out: Path, seed: int, env: dict, extra=()) -> dict
     subprocess.run(_cli("demo", "--student-steps", str(k), "--steps", str(steps), "--out", str(out), f"seed={seed}",
                         "log.progress=false", *extra), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())
-
-
-def _pr(run: Path, ref: Path, env: dict) -> dict:
-    """`fdistill eval pr` of a run's student features against the shipped reference (k=3)."""
-    pr_json = run / "pr.json"
-    subprocess.run(_cli("eval", "pr", str(run / "student_features.npz"), str(ref), "--num", "all", "--out",
-                        str(pr_json), "--quiet"), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return json.loads(pr_json.read_text())
 
 
 def calibrate(ks, steps: int, runs: Path, env: dict) -> dict:
@@ -92,9 +85,7 @@ def main():
     results = json.loads(out.read_text()) if out.is_file() else {}
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = runs / "ref_feats.npz"  # the shipped reference features under the key `fdistill eval pr` reads
-    with np.load(ROOT / "assets/mnist_teacher/ref_features.npz") as d:
-        np.savez(ref, feats=d["features"].astype(np.float32))
+    ref = shipped_reference(runs)
     meta = results.setdefault("_budget", {})
     if "sec_per_gen_step" not in meta:
         meta.update({"budget_steps_one_step": a.budget_steps, "calibrate_steps": a.calibrate_steps,
@@ -108,7 +99,7 @@ def main():
             continue
         run = runs / f"untrained_{k}"
         m = untrained(k, run)
-        pr = _pr(run, ref, env)
+        pr = precision_recall(run, ref, env)
         results[key] = {"student_steps": k, "nfe": m["nfe_student"], "fid_student": m["fid_student"],
                         "precision": pr["precision"], "recall": pr["recall"]}
         out.write_text(json.dumps(results, indent=1))
@@ -121,7 +112,7 @@ def main():
             steps = max(1, round(meta["budget_steps_one_step"] * t["1"] / t[str(k)]))
             run = runs / f"{k}step_{s}"
             m = _demo(k, steps, run, s, env, a.overrides)
-            pr = _pr(run, ref, env)
+            pr = precision_recall(run, ref, env)
             results[key] = {"student_steps": k, "seed": s, "gen_steps": m["gen_steps"], "nfe": m["nfe_student"],
                             "fid_student": m["fid_student"], "fid_teacher": m.get("fid_teacher"),
                             "fid_teacher_one_step": m.get("fid_teacher_one_step"), "precision": pr["precision"],
