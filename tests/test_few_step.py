@@ -601,7 +601,8 @@ def test_two_step_student_on_two_processes_ddp_equals_fsdp(teacher, tmp_path):
     for f in ("rank0_generator", "rank1_generator", "ckpt-00000002/generator", "ckpt-00000002/fake_score"):
         x, y = (load_file(str(runs[name] / f"{f}.safetensors")) for name in ("ddp", "fsdp1"))
         assert x.keys() == y.keys()
-        assert all(torch.equal(x[k], y[k]) for k in x), f
+        for k in x:  # DDP and FSDP reduce and step over differently laid-out tensors: equal up to rounding
+            torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6, msg=f"{f} {k}")
     a, b = (load_file(str(runs["ddp"] / f"rank{i}_generator.safetensors")) for i in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((runs["fsdp1"] / "ckpt-00000002" / "meta.json").read_text())["student_sigmas"][0] == 80.0
