@@ -86,6 +86,11 @@ class NoiseConfig:
     """Distribution-matching noise-level index range, both ends included (DMD2: [20, 980]; FastGen: [2, 998] on
     EDM's grid, [1, 998] on SD's, the integer part of 1000 t for t ~ U[0.001, 0.999])."""
     dm_index_max: int = 980
+    disc_index_max: int | None = None
+    """Upper index of the discriminator's noise levels (real and generated) and of the samples the generator's GAN
+    term acts on; null = dm_index_max (the paper: the DM term's levels). Above it the density ratio is taken as 1
+    (h = h(1), DMD2's weight), where the discriminator has not been trained. For small images, whose top DM levels
+    are near pure noise (docs/discriminator.md)."""
     generator_sigma: float | None = None
     """Where the generator starts; None = the grid's largest sigma."""
 
@@ -357,6 +362,11 @@ def _validate_distill(cfg: DistillConfig) -> None:
           f"> noise.sigma_min ({n.sigma_min})")
     _need(0 <= n.dm_index_min <= n.dm_index_max < n.num_levels, "noise.dm_index_min/dm_index_max",
           [n.dm_index_min, n.dm_index_max], f"0 <= min <= max < noise.num_levels ({n.num_levels})")
+    _need(n.disc_index_max is None or n.dm_index_min <= n.disc_index_max <= n.dm_index_max, "noise.disc_index_max",
+          n.disc_index_max, f"null or within [noise.dm_index_min, noise.dm_index_max] = [{n.dm_index_min}, "
+          f"{n.dm_index_max}]")
+    _need(n.disc_index_max is None or n.grid != "continuous", "noise.disc_index_max", n.disc_index_max,
+          "null with noise.grid=continuous (it is an index of a grid)")
     st = cfg.student
     _need(st.steps >= 1, "student.steps", st.steps, "a number of network evaluations >= 1 (1, 2, 4)")
     _need(cfg.batch_size >= st.steps, "batch_size", cfg.batch_size,

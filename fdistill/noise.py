@@ -51,6 +51,9 @@ class NoiseSchedule:
     generator_sigma: float | None = None
     # The scheduler's time t: 'sigma' (EDM, t = sigma) or 'index' (DDPM/VP grid, t = index / len(grid)).
     time: str = "sigma"
+    # Upper index of the discriminator's levels (real and generated) and of the generator's GAN term, inside the
+    # DM range; None = the DM range itself (the paper). See ``sample_disc``.
+    disc_index_max: int | None = None
 
     def __post_init__(self):
         if self.sigmas is not None:
@@ -61,6 +64,10 @@ class NoiseSchedule:
                 raise ValueError(f"dm_index_range {self.dm_index_range} must lie in [0, {n - 1}] for a grid of {n}")
             self.sigma_min = float(self.sigmas[0])
             self.sigma_max = float(self.sigmas[-1])
+            if self.disc_index_max is not None and not (lo <= self.disc_index_max <= hi):
+                raise ValueError(f"disc_index_max {self.disc_index_max} must lie in the DM range [{lo}, {hi}]")
+        elif self.disc_index_max is not None:
+            raise ValueError("disc_index_max needs a grid of noise levels (noise.grid edm, vp or flow)")
         if self.time not in ("sigma", "index") or (self.time == "index" and self.sigmas is None):
             raise ValueError(f"time must be 'sigma', or 'index' for a grid, got {self.time!r}")
         if self.generator_sigma is None:
@@ -74,8 +81,8 @@ class NoiseSchedule:
         return self._grid_on[key]
 
     @classmethod
-    def edm(cls, n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dm_index_range=(20, 980)):
-        return cls(karras_sigmas(n, sigma_min, sigma_max, rho), dm_index_range)
+    def edm(cls, n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dm_index_range=(20, 980), disc_index_max=None):
+        return cls(karras_sigmas(n, sigma_min, sigma_max, rho), dm_index_range, disc_index_max=disc_index_max)
 
     @classmethod
     def continuous(cls, sigma_min: float, sigma_max: float, generator_sigma: float | None = None):
@@ -120,6 +127,29 @@ class NoiseSchedule:
             return self._loguniform(n, self.sigma_min, self.sigma_max, generator, device)
         lo, hi = self.dm_index_range
         idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+        return self._grid(device)[idx]
+
+    @property
+    def own_disc_range(self) -> bool:
+        """Whether the discriminator draws from a narrower range than the DM term."""
+        return self.disc_index_max is not None and self.disc_index_max < self.dm_index_range[1]
+
+    @property
+    def disc_sigma_max(self) -> float:
+        """The largest sigma the discriminator is trained at."""
+        if not self.own_disc_range:
+            return self.dm_sigma_range[1]
+        return float(self.sigmas[self.disc_index_max])
+
+    def sample_disc(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        """Sigmas for the discriminator's real and generated samples: the DM range, or its low end
+        [dm_index_min, disc_index_max]. Small images are near pure noise at the DM range's top (16x16 digits
+        above sigma ~2), where real and generated samples cannot be told apart; a head trained there learns nothing
+        and its accuracy and the GAN term's signal are diluted."""
+        if not self.own_disc_range:
+            return self.sample_dm(n, generator, device)
+        idx = torch.randint(self.dm_index_range[0], self.disc_index_max + 1, (n,), generator=generator,
+                            device=device)
         return self._grid(device)[idx]
 
     def sample_denoise(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:

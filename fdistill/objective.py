@@ -132,6 +132,9 @@ class FDivergenceObjective(nn.Module):
         if cfg.disc_fake_noise not in ("independent", "denoise"):
             raise ValueError("objective.disc_fake_noise must be 'independent' or 'denoise', "
                              f"got {cfg.disc_fake_noise!r}")
+        if schedule.own_disc_range and cfg.disc_fake_noise == "denoise":
+            raise ValueError("noise.disc_index_max gives the discriminator its own noise levels; "
+                             "objective.disc_fake_noise=denoise shares the fake-score batch's: use 'independent'")
 
     def generate(self, z: torch.Tensor, cond: Any, rng: torch.Generator | None = None) -> torch.Tensor:
         """The generated batch both losses act on: G(z, c), or a few-step student's backward simulation."""
@@ -165,11 +168,22 @@ class FDivergenceObjective(nn.Module):
             with torch.no_grad():
                 oracle = self.oracle_log_ratio(x_t.detach(), sigma, cond).float()
         log_r = oracle if (self.use_oracle_weights and oracle is not None) else logit.detach()
+        trained = None  # samples at levels the discriminator is trained at (None: all of them)
+        if self.schedule.own_disc_range:
+            trained = sigma.reshape(-1) <= self.schedule.disc_sigma_max
+            if oracle is None or not self.use_oracle_weights:
+                # above its range the head has seen nothing; there the images are near pure noise and p_t ~ q_t,
+                # so r = 1: those samples get h(1), DMD2's weight
+                log_r = torch.where(trained.reshape(log_r.shape), log_r, torch.zeros_like(log_r))
         # FastGen's linear bins live in the scheduler's time t (EDM: sigma; SD: timestep / 1000)
         bin_t = self.schedule.time_of(sigma) if getattr(self.ratio, "linear", False) else sigma
         h, stats = self.ratio(log_r, bin_t, self.divergence, update=True)
         loss_dm, g = weighted_score_loss(x, x0_real.detach(), x0_fake.detach(), h, cfg.dmd_normalize, cfg.dmd_eps)
-        loss_gan = F.softplus(-logit).mean()
+        if trained is None:
+            loss_gan = F.softplus(-logit).mean()
+        else:  # the GAN term on the samples inside the discriminator's range
+            w = trained.reshape(logit.shape).float()
+            loss_gan = (w * F.softplus(-logit)).sum() / w.sum().clamp(min=1.0)
         loss = loss_dm + cfg.gan_weight * loss_gan
         logs = {"loss_gen": loss.detach(), "loss_dm": loss_dm.detach(), "loss_gan_gen": loss_gan.detach(),
                 "logit_gen": logit.detach().mean(), **stats}
@@ -196,11 +210,12 @@ class FDivergenceObjective(nn.Module):
         else:
             sigma_dn = self.schedule.sample_denoise(n, rng, x.device)
         x_t_dn, eps = self._noise(x, sigma_dn, rng)
-        # the discriminator sees real samples at an independent draw from the DM range; generated ones at
-        # another independent draw (DMD2) or at the denoising batch's own (FastGen)
+        # the discriminator sees real samples at an independent draw from the DM range (or its own,
+        # noise.disc_index_max); generated ones at another independent draw (DMD2) or at the denoising batch's own
+        # (FastGen)
         shared = cfg.disc_fake_noise == "denoise"
-        sigma_f = sigma_dn if shared else self.schedule.sample_dm(n, rng, x.device)
-        sigma_r = self.schedule.sample_dm(m, rng, x.device)
+        sigma_f = sigma_dn if shared else self.schedule.sample_disc(n, rng, x.device)
+        sigma_r = self.schedule.sample_disc(m, rng, x.device)
         x_t_f = x_t_dn if shared else self._noise(x, sigma_f, rng)[0]
         x_t_r, _ = self._noise(x_real.float(), sigma_r, rng)
         if cfg.r1_gamma > 0:

@@ -10,6 +10,7 @@ from fdistill.config import load_config
 from fdistill.discriminator import ConvHead, _groups
 from fdistill.divergences import get_divergence
 from fdistill.objective import FDistill, binned_stats
+from fdistill.noise import NoiseSchedule
 from fdistill.ratio import RatioNormalizer
 from fdistill.commands.demo import CONFIG
 
@@ -76,3 +77,72 @@ def test_discriminator_separates_real_from_generated_at_small_sigma():
     assert acc > 0.85, acc
     # a usable density ratio: real and generated logits apart by more than 1.5 (r differs by e^1.5 ~ 4.5x)
     assert lr_.mean() - lf.mean() > 1.5, (lr_.mean(), lf.mean())
+
+
+# --- noise.disc_index_max: the discriminator's own, lower noise levels -------------------------------------------
+
+def test_disc_levels_stay_below_their_cap():
+    sched = NoiseSchedule.edm(1000, dm_index_range=(20, 700), disc_index_max=470)
+    assert sched.own_disc_range and sched.disc_sigma_max == pytest.approx(float(sched.sigmas[470]))
+    s = sched.sample_disc(4000, torch.Generator().manual_seed(0))
+    assert s.min() >= sched.sigmas[20] and s.max() <= sched.sigmas[470]
+    assert s.max() > sched.sigmas[440]  # the whole sub-range is drawn, not only its bottom
+    # without a cap, or with the cap at the DM range's top, the discriminator draws exactly the DM term's levels
+    for cap in (None, 700):
+        same = NoiseSchedule.edm(1000, dm_index_range=(20, 700), disc_index_max=cap)
+        assert not same.own_disc_range
+        torch.testing.assert_close(same.sample_disc(64, torch.Generator().manual_seed(3)),
+                                   same.sample_dm(64, torch.Generator().manual_seed(3)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("override,needle", [("noise.disc_index_max=800", "noise.disc_index_max"),
+                                             ("noise.disc_index_max=10", "noise.disc_index_max")])
+def test_disc_cap_outside_the_dm_range_is_refused(override, needle):
+    with pytest.raises(ValueError, match=needle):
+        load_config(CONFIG, [override])  # configs/mnist.yaml: DM range [20, 700]
+
+
+class _Net(torch.nn.Module):
+    """A denoiser stand-in: x0 = x_t / 2, features = [x_t] (so the GAN term reaches the generator)."""
+
+    def forward(self, x_t, sigma, cond=None, mode="x0", x0_grad=True):
+        x0 = x_t / 2
+        return x0 if mode == "x0" else ([x_t] if mode == "features" else (x0, [x_t]))
+
+
+class _Gen(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, cond=None):
+        return self.mu + z
+
+
+def test_above_the_disc_range_r_is_one_and_the_gan_term_skips_those_samples():
+    sched = NoiseSchedule.edm(100, dm_index_range=(0, 99), disc_index_max=49)
+    sigma = torch.cat([sched.sigmas[40].repeat(4), sched.sigmas[80].repeat(4)])  # 4 inside, 4 above the cap
+    sched.sample_dm = lambda n, generator=None, device="cpu": sigma
+    logit = torch.tensor([2.0, -1.0, 0.5, -3.0, 4.0, 4.0, -4.0, 1.0])
+
+    class Disc(torch.nn.Module):
+        def forward(self, feats):
+            return logit + 0 * feats[0].reshape(-1)  # keeps the graph to x_t
+
+    seen = {}
+
+    class Ratio(RatioNormalizer):
+        def forward(self, log_r, t, divergence, update=True):
+            seen["log_r"] = log_r.clone()
+            return super().forward(log_r, t, divergence, update)
+
+    cfg = load_config(CONFIG, []).ratio_norm
+    obj = FDistill(_Gen(), _Net(), _Net(), Disc(), get_divergence("js"), Ratio(cfg, sched.dm_sigma_range), sched,
+                   load_config(CONFIG, []).objective)
+    _, logs = obj.generator_loss(torch.randn(8, 1), None, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen["log_r"], torch.cat([logit[:4], torch.zeros(4)]))
+    torch.testing.assert_close(logs["loss_gan_gen"], torch.nn.functional.softplus(-logit[:4]).mean())
+    # with the objective's denoise-shared fake noise the two ranges would conflict: refused, naming the fix
+    bad = load_config(CONFIG, ["objective.disc_fake_noise=denoise"]).objective
+    with pytest.raises(ValueError, match="independent"):
+        FDistill(_Gen(), _Net(), _Net(), Disc(), get_divergence("js"), Ratio(cfg, sched.dm_sigma_range), sched, bad)

@@ -346,7 +346,8 @@ def build(cfg, device) -> Task:
         raise ValueError(f"task.generator_timestep must lie in [0, {T - 1}]")
     sigmas = vp_sigmas(ac)
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max),
-                             generator_sigma=float(sigmas[settings["generator_timestep"]]), time="index")
+                             generator_sigma=float(sigmas[settings["generator_timestep"]]), time="index",
+                             disc_index_max=cfg.noise.disc_index_max)
     fm = list(settings["feature_modules"])
 
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.
