@@ -212,3 +212,22 @@ def test_default_toy_converges_on_other_seeds(tmp_path, seed):
     m = json.loads((out / "metrics.json").read_text())
     assert m["off_mode_fraction"] < 0.10, m
     assert m["mode_coverage"] >= 0.75, m
+
+
+def test_discriminator_at_chance_warns_once_per_stretch(tmp_path):
+    """The chance warning (log.chance_warn_rows consecutive logged rows with disc_acc within log.chance_margin of
+    0.5) is printed once when the stretch reaches the count; a margin of 0 never fires. A margin of 0.5 counts every
+    row whose accuracy is strictly between 0 and 1, so the trigger does not depend on how the head learns."""
+    r = _run(tmp_path / "a", "steps=6", "log.every=1", "log.chance_warn_rows=3", "log.chance_margin=0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if "discriminator at chance" in line]
+    assert len(lines) == 1 and "up to step 3" in lines[0] and "f-weighting inactive" in lines[0], r.stdout[-2000:]
+    r = _run(tmp_path / "b", "steps=6", "log.every=1", "log.chance_warn_rows=3", "log.chance_margin=0.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "discriminator at chance" not in r.stdout + r.stderr
+
+
+def test_toy_refuses_no_evaluation_samples(tmp_path):
+    r = _run(tmp_path / "run", "steps=2", "task.eval_samples=0")
+    assert r.returncode != 0 and "task.eval_samples must be >= 1" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

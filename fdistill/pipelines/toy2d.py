@@ -263,6 +263,9 @@ def build(cfg, device) -> Task:
     else:
         raise ValueError(f"task.generator must be 'anchors', 'mlp' or 'denoiser', got {t['generator']!r}")
     fake = EDMPrecondMLP(MLPBackbone(2, t["fake_hidden"], depth=t["fake_depth"]), sigma_data=sd)
+    if int(t["eval_samples"]) < 1:
+        raise ValueError(f"task.eval_samples must be >= 1 for the toy (its evaluation counts the samples in each "
+                         f"mode), got {t['eval_samples']}")
     disc = Discriminator([MLPHead(3, t["disc_hidden"])])
     schedule = NoiseSchedule.continuous(t["sigma_min"], t["sigma_max"])
 
