@@ -343,6 +343,10 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
                 if warn and chance_rows == cfg.log.chance_warn_rows:  # once per stretch at chance
                     msg = (f"warning: discriminator at chance (disc_acc {acc:.3f}) for {chance_rows} logged rows "
                            f"up to step {step}: f-weighting inactive (h ~ 1) and the GAN term uninformative")
+                    bins = {k[len("disc_acc_bin"):]: v for k, v in row.items() if k.startswith("disc_acc_bin")}
+                    if bins:  # the pooled accuracy includes pure-noise levels; say where the head does best
+                        best = max(bins, key=bins.get)
+                        msg += f" (best noise-level bin {best}: {bins[best]:.2f})"
                     (pbar.write if pbar is not None else accelerator.print)(msg)
                 if pbar is not None:
                     post = {key: f"{row[key]:.3g}" for key in ("loss_dm", "loss_disc", "disc_acc", "h_ess")

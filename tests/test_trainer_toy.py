@@ -222,6 +222,7 @@ def test_discriminator_at_chance_warns_once_per_stretch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if "discriminator at chance" in line]
     assert len(lines) == 1 and "up to step 3" in lines[0] and "f-weighting inactive" in lines[0], r.stdout[-2000:]
+    assert "best noise-level bin" in lines[0]  # the toy logs per-bin accuracies
     r = _run(tmp_path / "b", "steps=6", "log.every=1", "log.chance_warn_rows=3", "log.chance_margin=0.0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "discriminator at chance" not in r.stdout + r.stderr
