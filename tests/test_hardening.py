@@ -517,7 +517,8 @@ def test_ctrl_c_names_the_step_and_a_closed_pipe_is_quiet(tmp_path):
     import time
 
     out = tmp_path / "run"
-    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: if the run does not end after Ctrl-C, SIGABRT makes it print every thread's stack
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen([sys.executable, "-m", "fdistill.cli", "distill", TOY, f"out={out}", *SMALL,
                              "steps=100000", "log.ckpt_every=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=e, cwd=ROOT)
@@ -525,7 +526,12 @@ def test_ctrl_c_names_the_step_and_a_closed_pipe_is_quiet(tmp_path):
     while time.time() < deadline and not ckpt.list_checkpoints(out):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail("the run did not end within 120 s of Ctrl-C; its stacks:\n" + err[-6000:])
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted at generator step" in err and "rerun the same command to resume" in err
     assert "Traceback" not in err and not (out / ckpt.LOCK_NAME).exists()
