@@ -512,6 +512,17 @@ def test_a_truncated_sample_chunk_is_named(image_run, tmp_path, capsys):
 
 # --- the command line: Ctrl-C, closed pipes, --debug ---------------------------------------------------------------
 
+def _sigint_as_in_a_terminal():
+    """In the child before exec: SIGINT handled by default and not blocked. A child inherits both the disposition
+    and the signal mask, and inside the full suite an earlier test's library left SIGINT ignored or blocked in the
+    pytest process: the run then trained on through Ctrl-C (its stack, printed by the SIGABRT below, was a
+    checkpoint save hundreds of steps later). A user's terminal delivers SIGINT to a process in this state."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_names_the_step_and_a_closed_pipe_is_quiet(tmp_path):
     import signal
     import time
@@ -521,7 +532,7 @@ def test_ctrl_c_names_the_step_and_a_closed_pipe_is_quiet(tmp_path):
     e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen([sys.executable, "-m", "fdistill.cli", "distill", TOY, f"out={out}", *SMALL,
                              "steps=100000", "log.ckpt_every=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e, cwd=ROOT)
+                            text=True, env=e, cwd=ROOT, preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.time() + 300
     while time.time() < deadline and not ckpt.list_checkpoints(out):
         time.sleep(0.2)
