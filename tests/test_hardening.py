@@ -515,8 +515,8 @@ def test_a_truncated_sample_chunk_is_named(image_run, tmp_path, capsys):
 def _sigint_as_in_a_terminal():
     """In the child before exec: SIGINT handled by default and not blocked. A child inherits both the disposition
     and the signal mask, and inside the full suite an earlier test's library left SIGINT ignored or blocked in the
-    pytest process: the run then trained on through Ctrl-C (its stack, printed by the SIGABRT below, was a
-    checkpoint save hundreds of steps later). A user's terminal delivers SIGINT to a process in this state."""
+    pytest process: the run then trained on through Ctrl-C (the stack printed by the SIGABRT below was a later
+    checkpoint save, 120 s on). A user's terminal delivers SIGINT to a process in this state."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
