@@ -22,6 +22,7 @@ from edm_reference import edm_precond, write_edm_pickle
 
 from fdistill.cli import main as cli
 from fdistill.config import load_config
+from fdistill.convert.edm import ADM_IMAGENET64
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -295,17 +296,7 @@ def test_image_pipeline_unconditional_grayscale_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # full size: EDM's ImageNet-64 ADM (296M parameters), random weights, batch 1, on CPU
 
-ADM_IMAGENET64 = dict(
-    sample_size=64, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
-    down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    mid_block_type="UNetMidBlock2D",
-    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
-    block_out_channels=[192, 384, 576, 768], layers_per_block=3, mid_block_scale_factor=1, downsample_padding=1,
-    downsample_type="resnet", upsample_type="resnet", dropout=0.1, act_fn="silu", attention_head_dim=64,
-    norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5, resnet_time_scale_shift="scale_shift",
-    add_attention=True, class_embed_type=None, num_class_embeds=1000,
-)  # what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl (its ADM network maps exactly onto diffusers' UNet2DModel)
+# fdistill.convert.edm.ADM_IMAGENET64: what `fdistill convert-edm` writes for edm-imagenet-64x64-cond-adm.pkl
 
 
 class _RandomImages(torch.utils.data.Dataset):

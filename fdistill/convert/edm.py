@@ -56,6 +56,20 @@ EDM_RHO = 7.0
 # DhariwalUNet hard-codes channels_per_head=64 for its attention blocks.
 ADM_CHANNELS_PER_HEAD = 64
 
+# What the conversion writes for EDM's edm-imagenet-64x64-cond-adm.pkl (296M parameters): a diffusers UNet2DModel
+# config. Tests and benchmarks build the full-size network from it with random weights.
+ADM_IMAGENET64 = dict(
+    sample_size=64, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    block_out_channels=[192, 384, 576, 768], layers_per_block=3, mid_block_scale_factor=1, downsample_padding=1,
+    downsample_type="resnet", upsample_type="resnet", dropout=0.1, act_fn="silu", attention_head_dim=64,
+    norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5, resnet_time_scale_shift="scale_shift",
+    add_attention=True, class_embed_type=None, num_class_embeds=1000,
+)
+
 _BLOCK_PARTS = {  # EDM UNetBlock sub-layer -> diffusers ResnetBlock2D sub-layer
     "norm0": "norm1", "conv0": "conv1", "affine": "time_emb_proj", "norm1": "norm2", "conv1": "conv2",
     "skip": "conv_shortcut",
