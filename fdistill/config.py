@@ -367,6 +367,9 @@ def _validate_distill(cfg: DistillConfig) -> None:
           f"{n.dm_index_max}]")
     _need(n.disc_index_max is None or n.grid != "continuous", "noise.disc_index_max", n.disc_index_max,
           "null with noise.grid=continuous (it is an index of a grid)")
+    _need(n.disc_index_max is None or cfg.objective.disc_fake_noise == "independent", "noise.disc_index_max",
+          n.disc_index_max, "null with objective.disc_fake_noise=denoise (the discriminator then shares the fake-score "
+          "batch's levels); or set objective.disc_fake_noise=independent")
     st = cfg.student
     _need(st.steps >= 1, "student.steps", st.steps, "a number of network evaluations >= 1 (1, 2, 4)")
     _need(cfg.batch_size >= st.steps, "batch_size", cfg.batch_size,

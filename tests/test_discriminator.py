@@ -95,11 +95,11 @@ def test_disc_levels_stay_below_their_cap():
                                    same.sample_dm(64, torch.Generator().manual_seed(3)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("override,needle", [("noise.disc_index_max=800", "noise.disc_index_max"),
-                                             ("noise.disc_index_max=10", "noise.disc_index_max")])
-def test_disc_cap_outside_the_dm_range_is_refused(override, needle):
-    with pytest.raises(ValueError, match=needle):
-        load_config(CONFIG, [override])  # configs/mnist.yaml: DM range [20, 700]
+@pytest.mark.parametrize("overrides", [["noise.disc_index_max=800"], ["noise.disc_index_max=10"],
+                                       ["noise.disc_index_max=400", "objective.disc_fake_noise=denoise"]])
+def test_disc_cap_outside_the_dm_range_is_refused(overrides):
+    with pytest.raises(ValueError, match="noise.disc_index_max"):
+        load_config(CONFIG, overrides)  # configs/mnist.yaml: DM range [20, 700]
 
 
 class _Net(torch.nn.Module):
