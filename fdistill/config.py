@@ -42,6 +42,14 @@ class OptimConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 10.0
     """Gradient-norm clipping (DMD2, FastGen: 10). 0 disables."""
+    lr_decay: str = "constant"
+    """Learning-rate schedule over the generator steps, for every optimizer alike: 'constant' (the paper, DMD2,
+    FastGen), 'linear' or 'cosine' from ``lr_decay_start`` x steps to ``lr_final`` x the base rate at ``steps``.
+    A short run (the CPU demo) ends on a noisy iterate at a constant rate; a decay lets it settle."""
+    lr_decay_start: float = 0.0
+    """Fraction of ``steps`` at which the decay begins."""
+    lr_final: float = 0.0
+    """The last rate as a fraction of each optimizer's base rate."""
     clip_critic: bool = True
     """Clip the fake score's and the discriminator's gradients too (DMD2), not only the generator's (FastGen)."""
     fused: bool = False
@@ -339,6 +347,11 @@ def _validate_distill(cfg: DistillConfig) -> None:
           "two AdamW decays in [0, 1), e.g. [0.9, 0.999]")
     _need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _need(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0: no clipping)")
+    _need(o.lr_decay in ("constant", "linear", "cosine"), "optim.lr_decay", o.lr_decay,
+          "'constant', 'linear' or 'cosine'")
+    _need(_finite(o.lr_decay_start) and 0 <= o.lr_decay_start < 1, "optim.lr_decay_start", o.lr_decay_start,
+          "in [0, 1)")
+    _need(_finite(o.lr_final) and 0 <= o.lr_final <= 1, "optim.lr_final", o.lr_final, "in [0, 1]")
     _need(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, ">= 1")
     _need(o.nonfinite_streak >= 1, "optim.nonfinite_streak", o.nonfinite_streak, ">= 1")
     s = cfg.schedule

@@ -15,6 +15,7 @@ runs (warm-up, alternation, per-iteration EMAs), logging and checkpoints are the
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -46,6 +47,26 @@ def make_optimizers(o: OptimConfig, generator: torch.nn.Module, fake_score: torc
                       torch.optim.AdamW(fake_score.parameters(), lr=lr_c, **kw),
                       torch.optim.AdamW(discriminator.parameters(), lr=o.lr_disc if o.lr_disc is not None else lr_c,
                                         **kw))
+
+
+def lr_factor(o: OptimConfig, gen_step: int, steps: int) -> float:
+    """The multiplier of every base learning rate at generator step ``gen_step`` of ``steps`` (``optim.lr_decay``).
+    A function of the step alone, so a resumed run continues the same schedule without extra state."""
+    start = o.lr_decay_start * steps
+    if o.lr_decay == "constant" or gen_step <= start or steps <= start:
+        return 1.0
+    t = min(1.0, (gen_step - start) / (steps - start))
+    shape = 1.0 - t if o.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return o.lr_final + (1.0 - o.lr_final) * shape
+
+
+def set_lr(opts: Optimizers, o: OptimConfig, factor: float) -> None:
+    """Every optimizer at ``factor`` x its base rate (``lr_gen``, ``lr_critic``, ``lr_disc``)."""
+    lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
+    lr_d = o.lr_disc if o.lr_disc is not None else lr_c
+    for opt, base in ((opts.generator, o.lr_gen), (opts.fake_score, lr_c), (opts.discriminator, lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = base * factor
 
 
 class NonFiniteGuard:

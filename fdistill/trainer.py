@@ -35,7 +35,7 @@ from .config import ConfigError, DistillConfig, dump_yaml, to_dict
 from .divergences import get_divergence
 from .errors import RunInterrupted
 from .generator import unwrap
-from .iteration import NonFiniteGuard, Optimizers, TrainingIteration, make_optimizers
+from .iteration import NonFiniteGuard, Optimizers, TrainingIteration, lr_factor, make_optimizers, set_lr
 from .objective import PER_BIN_DEN, PER_BIN_NUM, FDivergenceObjective
 from .parallel import OptimPart, Parallel
 from .ratio import RatioNormalizer
@@ -299,6 +299,9 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
                     unit="step", dynamic_ncols=True)
     t0, steps_at_t0 = time.time(), state["gen_step"]
     while state["gen_step"] < cfg.steps:
+        if cfg.optim.lr_decay != "constant":  # a function of the generator step: resumes need no extra state
+            lr_now = lr_factor(cfg.optim, state["gen_step"], cfg.steps)
+            set_lr(iteration.opt, cfg.optim, lr_now)
         it = state["iteration"] - cfg.schedule.critic_warmup
         if it < 0:
             iteration.critic_update()
@@ -332,6 +335,8 @@ def _distill(cfg: DistillConfig, task: Task, state: dict, callbacks: list[Callba
             row = {"step": step, "kimg": state["images_seen"] / 1000, "time": round(time.time() - t0, 3),
                    "skipped_updates": state["skipped_updates"],
                    **per_bin_means(dict(zip(keys, vals)))}
+            if cfg.optim.lr_decay != "constant":  # the multiplier of the last generator update's rates
+                row["lr_factor"] = lr_now
             acc = row.get("disc_acc")
             at_chance = acc is not None and abs(acc - 0.5) < cfg.log.chance_margin
             chance_rows = chance_rows + 1 if at_chance else 0
