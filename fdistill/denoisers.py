@@ -37,6 +37,31 @@ def as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def resolve_module_name(root: nn.Module, name: str) -> str:
+    """The ``named_modules`` name of submodule ``name`` of ``root``. Parts that are integers index a module list and
+    may be negative (``up_blocks.-1``: the decoder's last block, whatever the UNet's depth), so that one config
+    fits teachers of different depths."""
+    mods = dict(root.named_modules())
+    if name in mods:
+        return name
+    m, parts = root, []
+    for part in name.split("."):
+        children = dict(m.named_children())
+        if part.lstrip("-").isdigit() and part not in children:
+            keys = list(children)
+            i = int(part)
+            if not -len(keys) <= i < len(keys):
+                m = None
+            else:
+                part = keys[i]
+        m = None if m is None else children.get(part)
+        if m is None:
+            raise ValueError(f"feature module {name!r} not found in {type(root).__name__}; "
+                             f"top-level modules: {[n for n, _ in root.named_children()]}")
+        parts.append(part)
+    return ".".join(parts)
+
+
 class Denoiser(nn.Module):
     """Base class: subclasses implement ``denoise(x_t, sigma, cond)`` and name their feature modules.
 
@@ -51,12 +76,8 @@ class Denoiser(nn.Module):
         self._stop_after_features = False
         self._nograd_after_features = False
         self.calls = {"x0": 0, "features": 0, "both": 0}
-        if backbone is not None:
-            mods = dict(backbone.named_modules())
-            for name in self.feature_modules:
-                if name not in mods:
-                    raise ValueError(f"feature module {name!r} not found in {type(backbone).__name__}; "
-                                     f"top-level modules: {[n for n, _ in backbone.named_children()]}")
+        if backbone is not None:  # names as given, or with negative indices counted from the end
+            self.feature_modules = [resolve_module_name(backbone, name) for name in self.feature_modules]
 
     def _make_hook(self, i: int):
         def hook(_module, _inp, out):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from fdistill.denoisers import EDMPrecondUNet, freeze
+from fdistill.denoisers import EDMPrecondUNet, freeze, resolve_module_name
 from tiny_models import tiny_edm_unet
 from fdistill.discriminator import Discriminator
 from fdistill.divergences import get_divergence
@@ -174,3 +174,25 @@ def test_a_few_iterations_change_all_three_trainable_networks(disc_features):
         changed = sum(not torch.equal(a, b) for a, b in zip(before[n], m.parameters()))
         assert changed > len(before[n]) // 2, n
     assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
+
+
+def test_feature_modules_count_from_the_end():
+    """task.feature_modules may index module lists from the end (up_blocks.-1: the decoder's last block), so one
+    config fits UNets of any depth; the denoiser reads the same map as with the explicit name, and a name that is
+    not there is refused naming it."""
+    unet = tiny_edm_unet(seed=0)  # two levels: up_blocks.0 and up_blocks.1
+    assert resolve_module_name(unet, "up_blocks.-1") == "up_blocks.1"
+    assert resolve_module_name(unet, "up_blocks.-2") == "up_blocks.0"
+    assert resolve_module_name(unet, "down_blocks.0.resnets.-1") == "down_blocks.0.resnets.0"
+    assert resolve_module_name(unet, "mid_block") == "mid_block"
+    for bad in ("up_blocks.-3", "up_blocks.2", "up_block.-1"):
+        with pytest.raises(ValueError, match="not found"):
+            resolve_module_name(unet, bad)
+    a = EDMPrecondUNet(unet, 0.5, ["mid_block", "up_blocks.-1"])
+    b = EDMPrecondUNet(unet, 0.5, ["mid_block", "up_blocks.1"])
+    assert a.feature_modules == b.feature_modules == ["mid_block", "up_blocks.1"]
+    x, sigma = torch.randn(2, unet.config.in_channels, 8, 8), torch.tensor([0.5, 2.0])
+    cond = torch.tensor([1, 2]) if unet.config.num_class_embeds else None
+    with torch.no_grad():
+        fa, fb = a(x, sigma, cond, mode="features"), b(x, sigma, cond, mode="features")
+    assert all(torch.equal(u, v) for u, v in zip(fa, fb))
