@@ -41,23 +41,15 @@ def resolve_module_name(root: nn.Module, name: str) -> str:
     """The ``named_modules`` name of submodule ``name`` of ``root``. Parts that are integers index a module list and
     may be negative (``up_blocks.-1``: the decoder's last block, whatever the UNet's depth), so that one config
     fits teachers of different depths."""
-    mods = dict(root.named_modules())
-    if name in mods:
-        return name
     m, parts = root, []
     for part in name.split("."):
         children = dict(m.named_children())
-        if part.lstrip("-").isdigit() and part not in children:
-            keys = list(children)
-            i = int(part)
-            if not -len(keys) <= i < len(keys):
-                m = None
-            else:
-                part = keys[i]
-        m = None if m is None else children.get(part)
-        if m is None:
+        if part not in children and part.lstrip("-").isdigit() and -len(children) <= int(part) < len(children):
+            part = list(children)[int(part)]
+        if part not in children:
             raise ValueError(f"feature module {name!r} not found in {type(root).__name__}; "
                              f"top-level modules: {[n for n, _ in root.named_children()]}")
+        m = children[part]
         parts.append(part)
     return ".".join(parts)
 

@@ -41,12 +41,15 @@ def make_optimizers(o: OptimConfig, generator: torch.nn.Module, fake_score: torc
     with its optimizer at a time. AdamW acts per parameter, so two critic optimizers make the same update as one
     over both, and checkpoints store them as one 'critic' optimizer. ``adamw``: extra AdamW options (fused,
     foreach)."""
-    lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
     kw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, **adamw)
-    return Optimizers(torch.optim.AdamW(generator.parameters(), lr=o.lr_gen, **kw),
-                      torch.optim.AdamW(fake_score.parameters(), lr=lr_c, **kw),
-                      torch.optim.AdamW(discriminator.parameters(), lr=o.lr_disc if o.lr_disc is not None else lr_c,
-                                        **kw))
+    return Optimizers(*(torch.optim.AdamW(net.parameters(), lr=lr, **kw)
+                        for net, lr in zip((generator, fake_score, discriminator), base_lrs(o))))
+
+
+def base_lrs(o: OptimConfig) -> tuple[float, float, float]:
+    """The generator's, the fake score's and the discriminator head's base rates (None falls back down the line)."""
+    lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
+    return o.lr_gen, lr_c, o.lr_disc if o.lr_disc is not None else lr_c
 
 
 def lr_factor(o: OptimConfig, gen_step: int, steps: int) -> float:
@@ -62,9 +65,7 @@ def lr_factor(o: OptimConfig, gen_step: int, steps: int) -> float:
 
 def set_lr(opts: Optimizers, o: OptimConfig, factor: float) -> None:
     """Every optimizer at ``factor`` x its base rate (``lr_gen``, ``lr_critic``, ``lr_disc``)."""
-    lr_c = o.lr_critic if o.lr_critic is not None else o.lr_gen
-    lr_d = o.lr_disc if o.lr_disc is not None else lr_c
-    for opt, base in ((opts.generator, o.lr_gen), (opts.fake_score, lr_c), (opts.discriminator, lr_d)):
+    for opt, base in zip(opts, base_lrs(o)):
         for group in opt.param_groups:
             group["lr"] = base * factor
 
