@@ -25,12 +25,7 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "fdistill.cli", *args]
 
 
-def shipped_reference(runs: Path) -> Path:
-    """The shipped reference features, written under the key `fdistill eval pr` reads."""
-    ref = runs / "ref_feats.npz"
-    with np.load(ROOT / "assets/mnist_teacher/ref_features.npz") as d:
-        np.savez(ref, feats=d["features"].astype(np.float32))
-    return ref
+REFERENCE = ROOT / "assets/mnist_teacher/ref_features.npz"  # the shipped reference features, as `eval pr` reads them
 
 
 def precision_recall(run: Path, ref: Path, env: dict) -> dict:
@@ -65,7 +60,7 @@ def main():
     results = json.loads(out.read_text()) if out.is_file() else {}
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = shipped_reference(runs)
+    ref = REFERENCE
     todo = [(d, s) for s in a.seeds for d in a.divergences if f"{d}/{s}" not in results]  # seeds outermost
 
     def one(job):

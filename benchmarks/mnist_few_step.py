@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from mnist_divergences import precision_recall, shipped_reference  # benchmarks/ is on the path of its scripts
+from mnist_divergences import REFERENCE, precision_recall  # benchmarks/ is on the path of its scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def main():
     results = json.loads(out.read_text()) if out.is_file() else {}
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = shipped_reference(runs)
+    ref = REFERENCE
     meta = results.setdefault("_budget", {})
     if "sec_per_gen_step" not in meta:
         meta.update({"budget_steps_one_step": a.budget_steps, "calibrate_steps": a.calibrate_steps,

@@ -495,7 +495,7 @@ def test_image_npz_errors_name_the_problem(tmp_path):
         load_image_npz(tmp_path / "obj.npz")
     assert "allow_pickle" not in str(e.value) and "obj.npz" in str(e.value)
     np.savez(tmp_path / "m.npz", m=np.zeros(3))
-    with pytest.raises(ValueError, match=r"neither FID statistics \('mu', 'sigma'\) nor images"):
+    with pytest.raises(ValueError, match=r"neither FID statistics \('mu', 'sigma'\), nor features .*, nor images"):
         load_image_npz(tmp_path / "m.npz")
 
 

@@ -121,3 +121,24 @@ def test_cli_takes_the_mode_recorded_with_the_features(tmp_path, capsys):
     assert eval_main(["pr", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--num", "all", "--device", "cpu",
                       "--quiet"]) == 2
     assert "different modes" in capsys.readouterr().err
+
+
+def test_cli_reads_the_shipped_mnist_reference(tmp_path, capsys):
+    """The demo's shipped reference (key ``features``, float16) serves as REF as it is: the demo's students are
+    compared with `fdistill eval pr runs/demo_js/student_features.npz assets/mnist_teacher/ref_features.npz`."""
+    from pathlib import Path
+    ref = Path(__file__).resolve().parents[1] / "assets/mnist_teacher/ref_features.npz"
+    with np.load(ref) as d:
+        feats = d["features"].astype(np.float32)
+    np.savez(tmp_path / "gen.npz", feats=feats[:50])
+    out = tmp_path / "pr.json"
+    assert eval_main(["pr", str(tmp_path / "gen.npz"), str(ref), "--num", "all", "--device", "cpu",
+                      "--out", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    # the same figures as the features rewritten under the `feats` key, and 50 of its own points lie in its manifold
+    np.savez(tmp_path / "ref.npz", feats=feats)
+    assert eval_main(["pr", str(tmp_path / "gen.npz"), str(tmp_path / "ref.npz"), "--num", "all", "--device", "cpu",
+                      "--out", str(tmp_path / "pr2.json"), "--quiet"]) == 0
+    res2 = json.loads((tmp_path / "pr2.json").read_text())
+    assert res["precision"] == res2["precision"] == 1.0 and res["recall"] == res2["recall"] < 1.0
+    assert res["protocol"]["num_ref"] == 1000

@@ -348,7 +348,7 @@ def load_image_npz(path: str | os.PathLike) -> np.ndarray:
     key = next((k for k in IMAGE_NPZ_KEYS if k in keys), None)
     if key is None:
         what = "FID statistics need both 'mu' and 'sigma'" if {"mu", "sigma"} & set(keys) else \
-            f"neither FID statistics ('mu', 'sigma') nor images (one of {IMAGE_NPZ_KEYS})"
+            f"neither FID statistics ('mu', 'sigma'), nor features (one of {FEATURE_NPZ_KEYS}), nor images (one of {IMAGE_NPZ_KEYS})"
         raise ValueError(f"{path} holds {what}; its keys are {keys}")
     arr = _npz_array(path, key)
     if arr.dtype != np.uint8:
@@ -358,10 +358,15 @@ def load_image_npz(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
+FEATURE_NPZ_KEYS = ("feats", "features")
+
+
 def load_features_npz(path: str | os.PathLike) -> np.ndarray | None:
-    """Stored Inception features (``feats``) of an npz, or None."""
+    """Stored Inception features of an npz, or None: ``feats`` (``eval fid --save-features``, ``eval ref
+    --keep-features``) or ``features`` (the demo's shipped reference, ``assets/mnist_teacher/ref_features.npz``)."""
     with _open_npz(path) as data:
-        return np.asarray(data["feats"], dtype=np.float32) if "feats" in data else None
+        key = next((k for k in FEATURE_NPZ_KEYS if k in data), None)
+        return np.asarray(data[key], dtype=np.float32) if key else None
 
 
 def features_of(source, num: int | None = None, **kw) -> np.ndarray:
