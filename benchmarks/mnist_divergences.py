@@ -40,10 +40,13 @@ def ess_summary(metrics_jsonl: Path) -> dict:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     ess = [r["h_ess"] for r in rows if "h_ess" in r]
     bin0 = [r["h_ess_bin0"] for r in rows if "h_ess_bin0" in r]
+    per_bin = [v for r in rows for k, v in r.items() if k.startswith("h_ess_bin")]
     acc = [r["disc_acc"] for r in rows if "disc_acc" in r and r["step"] > 50]
     return {"h_ess_mean": float(np.mean(ess)), "h_ess_min": float(np.min(ess)),
             "h_ess_bin0_mean": float(np.mean(bin0)) if bin0 else None,
-            "disc_acc_after_50": float(np.mean(acc)) if acc else None}
+            "h_ess_bin_min": float(np.min(per_bin)) if per_bin else None,  # lowest over bins and logged rows
+            "disc_acc_after_50": float(np.mean(acc)) if acc else None,
+            "disc_acc_after_50_min": float(np.min(acc)) if acc else None}
 
 
 def main():
@@ -93,7 +96,8 @@ def _order(a):
 
 def table(results: dict) -> str:
     """Markdown: mean and min-max over seeds per divergence."""
-    lines = ["| divergence | seeds | FID | precision | recall | mean h_ess | min h_ess |", "|---|---|---|---|---|---|---|"]
+    lines = ["| divergence | seeds | FID | precision | recall | mean h_ess | min h_ess | min h_ess per bin |",
+             "|---|---|---|---|---|---|---|---|"]
     for d in dict.fromkeys(r["divergence"] for r in results.values()):
         rs = [r for r in results.values() if r["divergence"] == d]
 
@@ -101,7 +105,8 @@ def table(results: dict) -> str:
             v = [r[k] for r in rs]
             return f"{np.mean(v):.{nd}f} ({min(v):.{nd}f}-{max(v):.{nd}f})"
         lines.append(f"| {d} | {len(rs)} | {f('fid_student', 1)} | {f('precision')} | {f('recall')} | "
-                     f"{f('h_ess_mean')} | {f('h_ess_min')} |")
+                     f"{f('h_ess_mean')} | {f('h_ess_min')} | "
+                     f"{f('h_ess_bin_min') if all(r.get('h_ess_bin_min') is not None for r in rs) else '-'} |")
     return "\n".join(lines)
 
 
