@@ -348,7 +348,8 @@ def load_image_npz(path: str | os.PathLike) -> np.ndarray:
     key = next((k for k in IMAGE_NPZ_KEYS if k in keys), None)
     if key is None:
         what = "FID statistics need both 'mu' and 'sigma'" if {"mu", "sigma"} & set(keys) else \
-            f"neither FID statistics ('mu', 'sigma'), nor features (one of {FEATURE_NPZ_KEYS}), nor images (one of {IMAGE_NPZ_KEYS})"
+            (f"neither FID statistics ('mu', 'sigma'), nor features (one of {FEATURE_NPZ_KEYS}), nor images "
+             f"(one of {IMAGE_NPZ_KEYS})")
         raise ValueError(f"{path} holds {what}; its keys are {keys}")
     arr = _npz_array(path, key)
     if arr.dtype != np.uint8:
