@@ -63,7 +63,6 @@ def main():
     results = json.loads(out.read_text()) if out.is_file() else {}
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = REFERENCE
     todo = [(d, s) for s in a.seeds for d in a.divergences if f"{d}/{s}" not in results]  # seeds outermost
 
     def one(job):
@@ -74,7 +73,7 @@ def main():
         subprocess.run(_cli("demo", "--divergence", d, "--out", str(run), f"seed={s}", "log.progress=false",
                             *a.overrides), check=True, env=job_env, cwd=ROOT, stdout=subprocess.DEVNULL)
         m = json.loads((run / "metrics.json").read_text())
-        pr = precision_recall(run, ref, env)
+        pr = precision_recall(run, REFERENCE, env)
         return f"{d}/{s}", {"divergence": d, "seed": s, "fid_student": m["fid_student"],
                             "fid_teacher": m.get("fid_teacher"), "precision": pr["precision"],
                             "recall": pr["recall"], "gen_steps": m["gen_steps"],

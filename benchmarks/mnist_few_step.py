@@ -85,7 +85,6 @@ def main():
     results = json.loads(out.read_text()) if out.is_file() else {}
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    ref = REFERENCE
     meta = results.setdefault("_budget", {})
     if "sec_per_gen_step" not in meta:
         meta.update({"budget_steps_one_step": a.budget_steps, "calibrate_steps": a.calibrate_steps,
@@ -99,7 +98,7 @@ def main():
             continue
         run = runs / f"untrained_{k}"
         m = untrained(k, run)
-        pr = precision_recall(run, ref, env)
+        pr = precision_recall(run, REFERENCE, env)
         results[key] = {"student_steps": k, "nfe": m["nfe_student"], "fid_student": m["fid_student"],
                         "precision": pr["precision"], "recall": pr["recall"]}
         out.write_text(json.dumps(results, indent=1))
@@ -112,7 +111,7 @@ def main():
             steps = max(1, round(meta["budget_steps_one_step"] * t["1"] / t[str(k)]))
             run = runs / f"{k}step_{s}"
             m = _demo(k, steps, run, s, env, a.overrides)
-            pr = precision_recall(run, ref, env)
+            pr = precision_recall(run, REFERENCE, env)
             results[key] = {"student_steps": k, "seed": s, "gen_steps": m["gen_steps"], "nfe": m["nfe_student"],
                             "fid_student": m["fid_student"], "fid_teacher": m.get("fid_teacher"),
                             "fid_teacher_one_step": m.get("fid_teacher_one_step"), "precision": pr["precision"],

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pr", help="improved precision and recall (k-NN manifolds, k=3)",
                        description="Improved precision/recall (Kynkaanniemi et al. 2019) on Inception features, "
                                    "computed in memory-bounded chunks. GEN and REF: folder, .zip, image .npz, or "
-                                   "an .npz holding features (key feats, from --save-features/--keep-features).")
+                                   "an .npz holding features (key feats, from --save-features/--keep-features, "
+                                   "or features, as in the demo's assets/mnist_teacher/ref_features.npz).")
     p.add_argument("gen", help="generated images or their features (.npz with feats)")
     p.add_argument("ref", help="reference images or their features; ADM reference batches (images + mu/sigma) "
                                "work")

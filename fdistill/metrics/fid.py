@@ -371,7 +371,8 @@ def load_features_npz(path: str | os.PathLike) -> np.ndarray | None:
 
 
 def features_of(source, num: int | None = None, **kw) -> np.ndarray:
-    """Features of a folder, zip, image npz, feature npz (``feats``) or in-memory images; the first ``num``."""
+    """Features of a folder, zip, image npz, feature npz (``feats`` or ``features``) or in-memory images; the
+    first ``num``."""
     if isinstance(source, (str, os.PathLike)):
         s = str(source)
         if os.path.isdir(s) or (s.lower().endswith(".zip") and os.path.isfile(s)):
