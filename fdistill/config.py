@@ -363,6 +363,7 @@ def _validate_distill(cfg: DistillConfig) -> None:
     ob = cfg.objective  # also refused by the objective itself, but only once the run directory is written
     _need(ob.disc_features in ("teacher", "fake"), "objective.disc_features", ob.disc_features, "teacher or fake")
     _need(ob.denoise_loss in ("edm", "eps", "x0"), "objective.denoise_loss", ob.denoise_loss, "edm, eps or x0")
+    _need(ob.denoise_levels in ("grid", "dm"), "objective.denoise_levels", ob.denoise_levels, "grid or dm")
     _need(ob.disc_fake_noise in ("independent", "denoise"), "objective.disc_fake_noise", ob.disc_fake_noise,
           "independent or denoise")
     _need(cfg.ratio_norm.bin_spacing in ("log_sigma", "linear"), "ratio_norm.bin_spacing",

@@ -65,6 +65,9 @@ class ObjectiveConfig:
     """Fake score's loss. 'edm': x0 MSE with EDM weighting over the whole grid (DMD2, EDM teacher). 'eps':
     epsilon MSE over the whole grid (DMD2, SD). 'x0': unweighted x0 MSE at noise levels drawn like the
     distribution-matching term's (FastGen, both teachers)."""
+    denoise_levels: str = "grid"
+    """Noise levels of the 'edm' and 'eps' fake-score losses: 'grid' (the whole grid, DMD2) or 'dm' (the
+    distribution-matching range, where the generator reads the fake score; the 'x0' loss always uses it)."""
     disc_fake_noise: str = "independent"
     """Noised generated batch the discriminator sees: 'independent' (its own sigma and eps, DMD2) or 'denoise'
     (the fake-score loss's own sigma and eps, FastGen)."""
@@ -129,6 +132,8 @@ class FDivergenceObjective(nn.Module):
             raise ValueError(f"objective.disc_features must be 'teacher' or 'fake', got {cfg.disc_features!r}")
         if cfg.denoise_loss not in ("edm", "eps", "x0"):
             raise ValueError(f"objective.denoise_loss must be 'edm', 'eps' or 'x0', got {cfg.denoise_loss!r}")
+        if cfg.denoise_levels not in ("grid", "dm"):
+            raise ValueError(f"objective.denoise_levels must be 'grid' or 'dm', got {cfg.denoise_levels!r}")
         if cfg.disc_fake_noise not in ("independent", "denoise"):
             raise ValueError("objective.disc_fake_noise must be 'independent' or 'denoise', "
                              f"got {cfg.disc_fake_noise!r}")
@@ -205,7 +210,7 @@ class FDivergenceObjective(nn.Module):
         with torch.no_grad():
             x = self.generate(z, cond, rng).float()
         n, m = x.shape[0], x_real.shape[0]
-        if cfg.denoise_loss == "x0":
+        if cfg.denoise_loss == "x0" or cfg.denoise_levels == "dm":
             sigma_dn = self.schedule.sample_dm(n, rng, x.device)
         else:
             sigma_dn = self.schedule.sample_denoise(n, rng, x.device)

@@ -146,3 +146,34 @@ def test_above_the_disc_range_r_is_one_and_the_gan_term_skips_those_samples():
     bad = load_config(CONFIG, ["objective.disc_fake_noise=denoise"]).objective
     with pytest.raises(ValueError, match="independent"):
         FDistill(_Gen(), _Net(), _Net(), Disc(), get_divergence("js"), Ratio(cfg, sched.dm_sigma_range), sched, bad)
+
+
+@pytest.mark.parametrize("levels", ["grid", "dm"])
+def test_denoise_levels_choose_where_the_fake_score_learns(levels):
+    """objective.denoise_levels=dm draws the fake score's EDM-weighted loss from the distribution-matching range
+    (where the generator reads it); 'grid' from the whole grid (DMD2)."""
+    sched = NoiseSchedule.edm(100, dm_index_range=(10, 60))
+    seen = []
+
+    class Fake(_Net):
+        def forward(self, x_t, sigma, cond=None, mode="x0", x0_grad=True):
+            seen.append(sigma.reshape(-1).clone())
+            return super().forward(x_t, sigma, cond, mode, x0_grad)
+
+    class Disc(torch.nn.Module):
+        def forward(self, feats):
+            return feats[0].reshape(feats[0].shape[0], -1).mean(1)
+
+    config = load_config(CONFIG, [f"objective.denoise_levels={levels}"])
+    obj = FDistill(_Gen(), _Net(), Fake(), Disc(), get_divergence("js"),
+                   RatioNormalizer(config.ratio_norm, sched.dm_sigma_range), sched, config.objective)
+    obj.critic_loss(torch.randn(256, 1), None, torch.randn(256, 1), None, torch.Generator().manual_seed(0))
+    sigma = torch.cat(seen)
+    lo, hi = sched.dm_sigma_range
+    inside = ((sigma >= lo) & (sigma <= hi)).float().mean().item()
+    assert inside == 1.0 if levels == "dm" else inside < 0.7, inside
+
+
+def test_unknown_denoise_levels_are_refused():
+    with pytest.raises(Exception, match="objective.denoise_levels"):
+        load_config(CONFIG, ["objective.denoise_levels=dmd"])
