@@ -62,9 +62,9 @@ class ObjectiveConfig:
     sigma_data: float = 0.5
     """EDM's sigma_data in the fake score's loss weighting 1/sigma^2 + 1/sigma_data^2."""
     denoise_loss: str = "edm"
-    """Fake score's loss. 'edm': x0 MSE with EDM weighting over the whole grid (DMD2, EDM teacher). 'eps':
-    epsilon MSE over the whole grid (DMD2, SD). 'x0': unweighted x0 MSE at noise levels drawn like the
-    distribution-matching term's (FastGen, both teachers)."""
+    """Fake score's loss. 'edm': x0 MSE with EDM weighting (DMD2, EDM teacher). 'eps': epsilon MSE (DMD2, SD).
+    Both at ``denoise_levels``. 'x0': unweighted x0 MSE at noise levels drawn like the distribution-matching
+    term's (FastGen, both teachers)."""
     denoise_levels: str = "grid"
     """Noise levels of the 'edm' and 'eps' fake-score losses: 'grid' (the whole grid, DMD2) or 'dm' (the
     distribution-matching range, where the generator reads the fake score; the 'x0' loss always uses it)."""
