@@ -157,3 +157,22 @@ def test_step_benchmark_fullsize_code_paths_at_toy_width(tmp_path, config):
             assert g["teacher_inner"]["modes"] == {"x0": 1, "features": 0, "both": 1}
         else:  # CFG: conditional and unconditional halves in one batched teacher pass
             assert g["teacher"]["forward"] == 1 and g["teacher"]["rows"] == 4
+
+
+def test_mnist_spread_measures_ink_within_each_class():
+    """benchmarks/mnist_spread.py's figure (docs/discriminator.md): ink = mean of the image in [0, 1]; its spread is
+    taken within each class, so a student that varies only between classes scores 0."""
+    spec = importlib.util.spec_from_file_location("mnist_spread", ROOT / "benchmarks" / "mnist_spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    labels = torch.arange(40) % 10
+    per_class = torch.linspace(-1, 1, 10)[labels].view(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+    flat = spread.ink_spread(per_class, labels)
+    assert flat["ink_std_within_class"] == 0 and flat["ink_std"] > 0.3
+    # two inks per class, 0.25 and 0.75 of the page: the sample std of [a, a, b, b] is |b - a| / sqrt(3) = 0.2887
+    ink = torch.where(torch.arange(40) < 20, 0.25, 0.75)
+    varied = (ink * 2 - 1).view(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+    row = spread.ink_spread(varied, labels)
+    assert row["ink_mean"] == pytest.approx(0.5) and row["ink_std_within_class"] == pytest.approx(0.2887, abs=1e-4)
+    # values outside [-1, 1] are clamped like the saved images
+    assert spread.ink_spread(varied * 3, labels)["ink_mean"] == pytest.approx(0.5)
