@@ -4,8 +4,8 @@ student given the same CPU budget.
     python benchmarks/mnist_few_step.py --seeds 0 1 2 --out benchmarks/mnist_few_step.json
 
 Budget: the one-step student trains for ``--budget-steps`` generator steps (200: configs/mnist.yaml's when the
-table was measured; 400 now). A k-step student's generator and critic iterations cost more (its backward simulation runs the generator k - 1 more times
-without gradient, on a shrinking share of the batch), so it gets ``round(budget_steps * t_1 / t_k)`` steps, where
+table was measured; 400 now). A k-step student's generator and critic iterations cost more (its backward
+simulation runs the generator k - 1 more times without gradient, on a shrinking share of the batch), so it gets ``round(budget_steps * t_1 / t_k)`` steps, where
 t_k is the seconds per generator step of a short calibration run (``--calibrate-steps``, seed 0, no FID) measured
 at the start on this machine. The calibration is stored in the JSON and reused on restart.
 
