@@ -7,7 +7,8 @@ Budget: the one-step student trains for ``--budget-steps`` generator steps (200:
 table was measured; 400 now). A k-step student's generator and critic iterations cost more (its backward
 simulation runs the generator k - 1 more times without gradient, on a shrinking share of the batch), so it gets
 ``round(budget_steps * t_1 / t_k)`` steps, where t_k is the seconds per generator step of a short calibration run
-(``--calibrate-steps``, seed 0, no FID) measured at the start on this machine. The calibration is stored in the JSON and reused on restart.
+(``--calibrate-steps``, seed 0, no FID) measured at the start on this machine. The calibration is stored in the
+JSON and reused on restart.
 
 ``--untrained`` adds the starting point of each student: the teacher's weights run as a k-step student (its own
 x0 re-noised to the student's levels), the same FID / precision / recall protocol, no training.
