@@ -12,16 +12,13 @@ cannot widen a distribution the fake score still believes is wide.
 """
 import argparse
 import json
-import sys
 
 import torch
 
 from fdistill.export import pipeline_from_checkpoint
 from fdistill.pipelines.mnist import load_mnist, load_teacher
-from fdistill.pipelines.mnist_demo import FID_SAMPLES, TEACHER_STEPS, generate
+from fdistill.pipelines.mnist_demo import FID_SAMPLES, NUM_CLASSES, TEACHER_STEPS, generate
 from fdistill.sampler import edm_sample
-
-NUM_CLASSES = 10
 
 
 def ink_spread(images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -61,4 +58,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()
