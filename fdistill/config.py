@@ -99,6 +99,11 @@ class NoiseConfig:
     term acts on; null = dm_index_max (the paper: the DM term's levels). Above it the density ratio is taken as 1
     (h = h(1), DMD2's weight), where the discriminator has not been trained. For small images, whose top DM levels
     are near pure noise (docs/discriminator.md)."""
+    disc_levels: str = "dm"
+    """How the discriminator's levels spread over its range: 'dm' as the DM term's (uniform in grid index, the
+    paper), 'log_sigma' uniform in log sigma (snapped to the grid), which moves draws from the near-pure-noise top of
+    EDM's grid to the low levels where real and generated samples differ. Real and generated share it, so the head
+    still estimates log p_t / q_t at every level (docs/discriminator.md)."""
     generator_sigma: float | None = None
     """Where the generator starts; None = the grid's largest sigma."""
 
@@ -381,6 +386,12 @@ def _validate_distill(cfg: DistillConfig) -> None:
           f"{n.dm_index_max}]")
     _need(n.disc_index_max is None or n.grid != "continuous", "noise.disc_index_max", n.disc_index_max,
           "null with noise.grid=continuous (it is an index of a grid)")
+    _need(n.disc_levels in ("dm", "log_sigma"), "noise.disc_levels", n.disc_levels, "dm or log_sigma")
+    _need(n.disc_levels == "dm" or n.grid != "continuous", "noise.disc_levels", n.disc_levels,
+          "dm with noise.grid=continuous (its levels are already log-uniform)")
+    _need(n.disc_levels == "dm" or cfg.objective.disc_fake_noise == "independent", "noise.disc_levels",
+          n.disc_levels, "dm with objective.disc_fake_noise=denoise (the discriminator then shares the fake-score "
+          "batch's levels); or set objective.disc_fake_noise=independent")
     _need(n.disc_index_max is None or cfg.objective.disc_fake_noise == "independent", "noise.disc_index_max",
           n.disc_index_max, "null with objective.disc_fake_noise=denoise (the discriminator then shares the fake-score "
           "batch's levels); or set objective.disc_fake_noise=independent")

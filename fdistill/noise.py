@@ -54,6 +54,9 @@ class NoiseSchedule:
     # Upper index of the discriminator's levels (real and generated) and of the generator's GAN term, inside the
     # DM range; None = the DM range itself (the paper). See ``sample_disc``.
     disc_index_max: int | None = None
+    # How the discriminator's levels are spread over its range: 'dm' as the DM term's (uniform in grid index),
+    # 'log_sigma' uniform in log sigma (snapped to the grid). See ``sample_disc``.
+    disc_levels: str = "dm"
 
     def __post_init__(self):
         if self.sigmas is not None:
@@ -68,6 +71,8 @@ class NoiseSchedule:
                 raise ValueError(f"disc_index_max {self.disc_index_max} must lie in the DM range [{lo}, {hi}]")
         elif self.disc_index_max is not None:
             raise ValueError("disc_index_max needs a grid of noise levels (noise.grid edm, vp or flow)")
+        if self.disc_levels not in ("dm", "log_sigma"):
+            raise ValueError(f"disc_levels must be 'dm' or 'log_sigma', got {self.disc_levels!r}")
         if self.time not in ("sigma", "index") or (self.time == "index" and self.sigmas is None):
             raise ValueError(f"time must be 'sigma', or 'index' for a grid, got {self.time!r}")
         if self.generator_sigma is None:
@@ -81,8 +86,10 @@ class NoiseSchedule:
         return self._grid_on[key]
 
     @classmethod
-    def edm(cls, n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dm_index_range=(20, 980), disc_index_max=None):
-        return cls(karras_sigmas(n, sigma_min, sigma_max, rho), dm_index_range, disc_index_max=disc_index_max)
+    def edm(cls, n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, dm_index_range=(20, 980), disc_index_max=None,
+            disc_levels="dm"):
+        return cls(karras_sigmas(n, sigma_min, sigma_max, rho), dm_index_range, disc_index_max=disc_index_max,
+                   disc_levels=disc_levels)
 
     @classmethod
     def continuous(cls, sigma_min: float, sigma_max: float, generator_sigma: float | None = None):
@@ -135,6 +142,11 @@ class NoiseSchedule:
         return self.disc_index_max is not None and self.disc_index_max < self.dm_index_range[1]
 
     @property
+    def own_disc_levels(self) -> bool:
+        """Whether the discriminator's levels are drawn otherwise than the DM term's (range or spread)."""
+        return self.own_disc_range or (self.disc_levels != "dm" and self.sigmas is not None)
+
+    @property
     def disc_sigma_max(self) -> float:
         """The largest sigma the discriminator is trained at."""
         if not self.own_disc_range:
@@ -142,15 +154,30 @@ class NoiseSchedule:
         return float(self.sigmas[self.disc_index_max])
 
     def sample_disc(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-        """Sigmas for the discriminator's real and generated samples: the DM range, or its low end
-        [dm_index_min, disc_index_max]. Small images are near pure noise at the DM range's top (16x16 digits
-        above sigma ~2), where real and generated samples cannot be told apart; a head trained there learns nothing
-        and its accuracy and the GAN term's signal are diluted."""
-        if not self.own_disc_range:
+        """Sigmas for the discriminator's real and generated samples, in the DM range or its low end
+        [dm_index_min, disc_index_max]: uniform in grid index like the DM term ('dm'), or uniform in log sigma
+        ('log_sigma').
+
+        Small images are near pure noise at the DM range's top (16x16 digits above sigma ~2), where real and
+        generated samples cannot be told apart. Capping the range leaves the head untrained there; spreading the
+        draws evenly in log sigma keeps every level but moves draws to the low levels, which EDM's grid (rho = 7)
+        samples sparsely. Real and generated samples share the spread, so the optimal logit at each level is still
+        log p_t / q_t: the spread decides where the head's capacity goes, not what it estimates."""
+        if self.sigmas is None or (not self.own_disc_levels):
             return self.sample_dm(n, generator, device)
-        idx = torch.randint(self.dm_index_range[0], self.disc_index_max + 1, (n,), generator=generator,
-                            device=device)
-        return self._grid(device)[idx]
+        lo = self.dm_index_range[0]
+        hi = self.disc_index_max if self.own_disc_range else self.dm_index_range[1]
+        grid = self._grid(device)
+        if self.disc_levels == "dm" or hi == lo:
+            idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+            return grid[idx]
+        # log-uniform over [sigma_lo, sigma_hi], each draw snapped to the nearest grid level in log sigma
+        log_grid = grid[lo:hi + 1].log()
+        u = torch.rand(n, generator=generator, device=device)
+        target = log_grid[0] + u * (log_grid[-1] - log_grid[0])
+        j = torch.searchsorted(log_grid, target).clamp(1, len(log_grid) - 1)
+        j = torch.where(target - log_grid[j - 1] <= log_grid[j] - target, j - 1, j)
+        return grid[lo + j]
 
     def sample_denoise(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         """Sigmas for the fake score's denoising loss: the whole grid."""

@@ -137,8 +137,8 @@ class FDivergenceObjective(nn.Module):
         if cfg.disc_fake_noise not in ("independent", "denoise"):
             raise ValueError("objective.disc_fake_noise must be 'independent' or 'denoise', "
                              f"got {cfg.disc_fake_noise!r}")
-        if schedule.own_disc_range and cfg.disc_fake_noise == "denoise":
-            raise ValueError("noise.disc_index_max gives the discriminator its own noise levels; "
+        if schedule.own_disc_levels and cfg.disc_fake_noise == "denoise":
+            raise ValueError("noise.disc_index_max / noise.disc_levels give the discriminator its own noise levels; "
                              "objective.disc_fake_noise=denoise shares the fake-score batch's: use 'independent'")
 
     def generate(self, z: torch.Tensor, cond: Any, rng: torch.Generator | None = None) -> torch.Tensor:

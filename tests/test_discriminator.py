@@ -102,6 +102,39 @@ def test_disc_cap_outside_the_dm_range_is_refused(overrides):
         load_config(CONFIG, overrides)  # configs/mnist.yaml: DM range [20, 700]
 
 
+# --- noise.disc_levels: the discriminator's levels spread evenly in log sigma ----------------------------------------
+
+@pytest.mark.parametrize("cap", [None, 470])
+def test_log_sigma_disc_levels_are_grid_levels_spread_evenly_in_log_sigma(cap):
+    sched = NoiseSchedule.edm(1000, dm_index_range=(20, 700), disc_index_max=cap, disc_levels="log_sigma")
+    assert sched.own_disc_levels and sched.own_disc_range == (cap is not None)
+    top = 700 if cap is None else cap
+    s = sched.sample_disc(40000, torch.Generator().manual_seed(0))
+    # every draw is a level of the grid, inside [dm_index_min, top]
+    idx = torch.searchsorted(sched.sigmas, s)
+    assert torch.equal(sched.sigmas[idx], s) and idx.min() >= 20 and idx.max() <= top
+    # ten equal bins in log sigma each get about a tenth (a uniform draw of the index gives 5% to 16% here)
+    lo, hi = sched.sigmas[20].log(), sched.sigmas[top].log()
+    b = ((s.log() - lo) / (hi - lo) * 10).floor().clamp(0, 9).long()
+    share = torch.bincount(b, minlength=10).float() / len(s)
+    assert (share - 0.1).abs().max() < 0.015
+    dm = sched.sample_dm(40000, torch.Generator().manual_seed(0))
+    # index-uniform (the DM term's draw, restricted to the same range) puts most draws at the top of EDM's grid
+    mid = sched.sigmas[20:top + 1].log().mean()
+    assert (s.log() > mid).float().mean() < (dm[dm <= sched.sigmas[top]].log() > mid).float().mean() - 0.05
+
+
+def test_log_sigma_disc_levels_are_refused_where_they_cannot_apply():
+    with pytest.raises(ValueError, match="noise.disc_levels"):
+        load_config(CONFIG, ["noise.disc_levels=log-sigma"])
+    with pytest.raises(ValueError, match="noise.disc_levels"):
+        load_config(CONFIG, ["noise.disc_levels=log_sigma", "objective.disc_fake_noise=denoise"])
+    with pytest.raises(ValueError, match="disc_levels"):
+        NoiseSchedule.edm(100, dm_index_range=(0, 99), disc_levels="uniform")
+    one = NoiseSchedule.edm(100, dm_index_range=(30, 30), disc_levels="log_sigma")  # a range of one level
+    assert torch.equal(one.sample_disc(5), one.sigmas[30].repeat(5))
+
+
 class _Net(torch.nn.Module):
     """A denoiser stand-in: x0 = x_t / 2, features = [x_t] (so the GAN term reaches the generator)."""
 

@@ -347,7 +347,7 @@ def build(cfg, device) -> Task:
     sigmas = vp_sigmas(ac)
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max),
                              generator_sigma=float(sigmas[settings["generator_timestep"]]), time="index",
-                             disc_index_max=cfg.noise.disc_index_max)
+                             disc_index_max=cfg.noise.disc_index_max, disc_levels=cfg.noise.disc_levels)
     fm = list(settings["feature_modules"])
 
     # Generator and fake score: fp32 copies of the teacher (paper s.4), made before the teacher is cast to bf16.

@@ -264,7 +264,7 @@ def build(cfg, device) -> Task:
         sigmas = flow_grid(dict(pipe.scheduler.config), image_seq_len=(lat // 2) ** 2)
         generator_sigma = math.inf  # t = 1: pure noise
     schedule = NoiseSchedule(sigmas, (cfg.noise.dm_index_min, cfg.noise.dm_index_max), generator_sigma=generator_sigma,
-                             disc_index_max=cfg.noise.disc_index_max)
+                             disc_index_max=cfg.noise.disc_index_max, disc_levels=cfg.noise.disc_levels)
 
     # networks: fp32 trainable copies (full fine-tuning) or LoRA adapters on one frozen base
 

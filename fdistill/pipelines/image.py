@@ -205,7 +205,7 @@ def assemble(cfg, settings: dict, unet: nn.Module, sigma_data: float, dataset, d
 def _schedule(n) -> NoiseSchedule:
     if n.grid == "edm":
         return NoiseSchedule.edm(n.num_levels, n.sigma_min, n.sigma_max, n.rho, (n.dm_index_min, n.dm_index_max),
-                                 n.disc_index_max)
+                                 n.disc_index_max, n.disc_levels)
     if n.grid == "continuous":
         return NoiseSchedule.continuous(n.sigma_min, n.sigma_max, n.generator_sigma)
     raise ValueError(f"noise.grid={n.grid!r}: an EDM-preconditioned teacher uses noise.grid=edm (or continuous); "
