@@ -390,8 +390,8 @@ def _validate_distill(cfg: DistillConfig) -> None:
     _need(n.disc_levels == "dm" or n.grid != "continuous", "noise.disc_levels", n.disc_levels,
           "dm with noise.grid=continuous (its levels are already log-uniform)")
     _need(n.disc_levels == "dm" or cfg.objective.disc_fake_noise == "independent", "noise.disc_levels",
-          n.disc_levels, "dm with objective.disc_fake_noise=denoise (the discriminator then shares the fake-score "
-          "batch's levels); or set objective.disc_fake_noise=independent")
+          n.disc_levels, "dm with objective.disc_fake_noise=denoise (recipe fastgen's: the discriminator then shares "
+          "the fake-score batch's levels): set noise.disc_levels=dm, or objective.disc_fake_noise=independent")
     _need(n.disc_index_max is None or cfg.objective.disc_fake_noise == "independent", "noise.disc_index_max",
           n.disc_index_max, "null with objective.disc_fake_noise=denoise (the discriminator then shares the fake-score "
           "batch's levels); or set objective.disc_fake_noise=independent")

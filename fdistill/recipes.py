@@ -27,6 +27,7 @@ _COMMON: dict[str, dict[str, Any]] = {
         "noise.dm_index_max": 998,                # .. int(0.998 * 1000), both ends included
         "objective.denoise_loss": "x0",           # dmd2.py: denoising_score_matching_loss, pred type x0, unweighted
         "objective.disc_fake_noise": "denoise",   # dmd2.py: the fake branch's features at x_t_sg, t
+        "noise.disc_levels": "dm",                # .. so the discriminator's levels are the DM term's
         "objective.dmd_eps": 1e-6,                # common_loss.py: 1 / (mean |x - x0_teacher| + 1e-6)
         "objective.r1_gamma": 0.0,                # config_dmd2.py: gan_r1_reg_weight 0
         "schedule.scheme": "fastgen",             # dmd2.py: student iff iteration % student_update_freq == 0
@@ -40,6 +41,7 @@ _COMMON: dict[str, dict[str, Any]] = {
         "noise.dm_index_max": 980,
         "objective.denoise_loss": "edm",
         "objective.disc_fake_noise": "independent",
+        "noise.disc_levels": "dm",                # real and generated at independent draws of the DM term's levels
         "objective.dmd_eps": 0.0,
         "objective.r1_gamma": 0.0,
         "schedule.scheme": "dmd2",

@@ -129,6 +129,10 @@ def test_log_sigma_disc_levels_are_refused_where_they_cannot_apply():
         load_config(CONFIG, ["noise.disc_levels=log-sigma"])
     with pytest.raises(ValueError, match="noise.disc_levels"):
         load_config(CONFIG, ["noise.disc_levels=log_sigma", "objective.disc_fake_noise=denoise"])
+    # recipe fastgen shares the fake-score batch's levels with the discriminator: the error names the fix
+    with pytest.raises(ValueError, match="set noise.disc_levels=dm"):
+        load_config(CONFIG, ["recipe=fastgen"])
+    assert load_config(CONFIG, ["recipe=fastgen", "noise.disc_levels=dm"]).noise.disc_levels == "dm"
     with pytest.raises(ValueError, match="disc_levels"):
         NoiseSchedule.edm(100, dm_index_range=(0, 99), disc_levels="uniform")
     one = NoiseSchedule.edm(100, dm_index_range=(30, 30), disc_levels="log_sigma")  # a range of one level
