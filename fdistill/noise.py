@@ -163,7 +163,7 @@ class NoiseSchedule:
         draws evenly in log sigma keeps every level but moves draws to the low levels, which EDM's grid (rho = 7)
         samples sparsely. Real and generated samples share the spread, so the optimal logit at each level is still
         log p_t / q_t: the spread decides where the head's capacity goes, not what it estimates."""
-        if self.sigmas is None or (not self.own_disc_levels):
+        if not self.own_disc_levels:
             return self.sample_dm(n, generator, device)
         lo = self.dm_index_range[0]
         hi = self.disc_index_max if self.own_disc_range else self.dm_index_range[1]
