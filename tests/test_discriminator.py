@@ -96,7 +96,8 @@ def test_disc_levels_stay_below_their_cap():
 
 
 @pytest.mark.parametrize("overrides", [["noise.disc_index_max=800"], ["noise.disc_index_max=10"],
-                                       ["noise.disc_index_max=400", "objective.disc_fake_noise=denoise"]])
+                                       ["noise.disc_index_max=400", "objective.disc_fake_noise=denoise",
+                                        "noise.disc_levels=dm"]])
 def test_disc_cap_outside_the_dm_range_is_refused(overrides):
     with pytest.raises(ValueError, match="noise.disc_index_max"):
         load_config(CONFIG, overrides)  # configs/mnist.yaml: DM range [20, 700]
@@ -180,7 +181,7 @@ def test_above_the_disc_range_r_is_one_and_the_gan_term_skips_those_samples():
     torch.testing.assert_close(seen["log_r"], torch.cat([logit[:4], torch.zeros(4)]))
     torch.testing.assert_close(logs["loss_gan_gen"], torch.nn.functional.softplus(-logit[:4]).mean())
     # with the objective's denoise-shared fake noise the two ranges would conflict: refused, naming the fix
-    bad = load_config(CONFIG, ["objective.disc_fake_noise=denoise"]).objective
+    bad = load_config(CONFIG, ["objective.disc_fake_noise=denoise", "noise.disc_levels=dm"]).objective
     with pytest.raises(ValueError, match="independent"):
         FDistill(_Gen(), _Net(), _Net(), Disc(), get_divergence("js"), Ratio(cfg, sched.dm_sigma_range), sched, bad)
 
